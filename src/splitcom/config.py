@@ -1,0 +1,196 @@
+"""Typed run configuration: YAML file + ``--set dotted.key=value`` overrides, validated by pydantic.
+
+The dotted keys are a public contract (issues and external checks use them), so every field is
+documented and every validation error is reported as one line naming the offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from splitcom.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraCfg(_Strict):
+    rank: int = Field(8, ge=1, description="LoRA rank r of every adapted module.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha/r).")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="LoRA dropout. 0 keeps simulation and deployment bit-identical."
+    )
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; None picks the family default (see models/split.py)."
+    )
+
+
+class ModelCfg(_Strict):
+    name: str = Field(
+        "smollm2-135m",
+        description="HF id, local directory, or a built-in alias: smollm2-135m, tiny-llama, tiny-gpt2, "
+        "tiny-qwen2, tiny-mistral.",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where converted weights are cached (default $SPLITCOM_CACHE or ~/.cache/splitcom)."
+    )
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+
+
+class SplitCfg(_Strict):
+    cut_layer: int = Field(2, description="Client runs embeddings + decoder blocks [0, cut_layer).")
+
+
+class PartitionCfg(_Strict):
+    scheme: Literal["iid", "dirichlet", "length_dirichlet"] = Field(
+        "iid", description="How training samples are spread over clients."
+    )
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more skew).")
+    by: str = Field("eatType", description="Attribute the `dirichlet` scheme partitions by.")
+    bins: int = Field(4, ge=2, description="Quantile bins of token length for `length_dirichlet`.")
+    min_size: int = Field(1, ge=1, description="Smallest partition the Dirichlet schemes accept.")
+
+
+class DataCfg(_Strict):
+    dataset: str = Field(
+        "synthetic", description="`synthetic`, or `e2e:DIR` (DIR holds trainset.csv and devset.csv)."
+    )
+    max_train_samples: int | None = Field(300, ge=1, description="Cap on training examples (None: all).")
+    max_eval_samples: int | None = Field(64, ge=1, description="Cap on validation examples (None: all).")
+    max_length: int = Field(128, ge=8, description="Prompt + completion tokens are truncated to this.")
+    synthetic_size: int = Field(1200, ge=10, description="Number of synthetic training examples generated.")
+    partition: PartitionCfg = Field(default_factory=PartitionCfg)
+
+
+class FederationCfg(_Strict):
+    mode: Literal["sfl", "centralized"] = Field(
+        "sfl", description="`sfl`: split federated; `centralized`: one PEFT LoRA model, no split."
+    )
+    num_clients: int = Field(3, ge=1, description="Number of simulated clients.")
+    aggregate_every: Literal["epoch"] | int = Field(
+        "epoch", description="`epoch`, or a number of round-robin steps between FedAvg aggregations."
+    )
+    server_adapters: Literal["per_client", "shared"] = Field(
+        "per_client",
+        description="`per_client`: one adapter set per client over one frozen base; `shared`: one set "
+        "for all clients (SplitLoRA-style).",
+    )
+
+    @field_validator("aggregate_every")
+    @classmethod
+    def _positive_steps(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'epoch' or a step count >= 1")
+        return v
+
+
+class TrainCfg(_Strict):
+    epochs: int = Field(2, ge=1, description="Passes over every client's data.")
+    batch_size: int = Field(8, ge=1, description="Samples per client batch.")
+    eval_batch_size: int = Field(16, ge=1, description="Samples per validation batch.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate for every adapter.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    seed: int = Field(0, description="Seed of model init, partition, shuffling and projections.")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where tensors live.")
+
+
+class CompressionCfg(_Strict):
+    codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
+        "fp32", description="Codec of activations on the wire."
+    )
+    grad_codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
+        "fp32", description="Codec of gradients on the wire."
+    )
+
+
+class LoggingCfg(_Strict):
+    progress: bool = Field(True, description="Show a live progress display.")
+    log_every: int = Field(1, ge=1, description="Write a `step` record to metrics.jsonl every N steps.")
+
+
+class Config(_Strict):
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    split: SplitCfg = Field(default_factory=SplitCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    federation: FederationCfg = Field(default_factory=FederationCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    compression: CompressionCfg = Field(default_factory=CompressionCfg)
+    logging: LoggingCfg = Field(default_factory=LoggingCfg)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise UserError(f"cannot set a sub-key of a non-mapping value {nxt!r}", where=key)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=3`` -> ("a.b", 3); the value is parsed as YAML so numbers, lists and null work."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not of the form dotted.key=value", where="--set")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise UserError(f"override {item!r} has an empty key", where="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{key}: unknown config key"
+    got = first.get("input")
+    return f"{key}: {first['msg']} (got {got!r})"
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Validate a raw mapping plus overrides; raise UserError naming the first bad key."""
+    tree = dict(tree or {})
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_format_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config file (optional) and apply ``--set`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError("config file not found", where=str(p))
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"not valid YAML ({getattr(err, 'problem', err)})", where=f"{p}{line}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError("top level must be a mapping of sections", where=str(p))
+        tree = loaded
+    return build_config(tree, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (written to OUT/config.yaml; loads back to the same Config)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Federation: client and server step logic, aggregation, and the rounds loop."""

@@ -1,0 +1,38 @@
+"""The baseline: the same model, LoRA and data with no split and no federation (plain PEFT)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from splitcom.data.tokenize import Batch, Sample, collate
+from splitcom.models.adapters import GLOBAL, AdapterBank
+from splitcom.models.split import causal_lm_loss
+
+
+class CentralizedTrainer:
+    def __init__(self, model: torch.nn.Module, bank: AdapterBank, samples: list[Sample], *, lr: float,
+                 weight_decay: float = 0.0, batch_size: int = 8, pad_id: int = 0, seed: int = 0,
+                 device: torch.device | str = "cpu"):
+        self.model, self.bank, self.samples = model, bank, list(samples)
+        self.batch_size, self.pad_id, self.seed, self.device = batch_size, pad_id, seed, torch.device(device)
+        n = bank.model.base_model.model.config.num_hidden_layers
+        bank.activate(GLOBAL, range(n))
+        self.optimizer = torch.optim.AdamW(bank.parameters(GLOBAL, range(n)), lr=lr, weight_decay=weight_decay)
+        self.tokens_forwarded = 0
+
+    def epoch_batches(self, epoch: int) -> list[Batch]:
+        order = list(self.samples)
+        random.Random(f"{self.seed}/{epoch}/central").shuffle(order)
+        return [collate(order[i : i + self.batch_size], self.pad_id) for i in range(0, len(order), self.batch_size)]
+
+    def train_step(self, batch: Batch) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.model(input_ids=batch.input_ids.to(self.device),
+                         attention_mask=batch.attention_mask.to(self.device))
+        loss = causal_lm_loss(out.logits, batch.labels)
+        loss.backward()
+        self.optimizer.step()
+        self.tokens_forwarded += batch.num_tokens
+        return float(loss.item())

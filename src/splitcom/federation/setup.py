@@ -1,0 +1,71 @@
+"""From a Config to ready objects: model + LoRA, tokenized data, partitions. Shared by every mode."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from splitcom.config import Config
+from splitcom.data import load_dataset
+from splitcom.data.partition import partition
+from splitcom.data.records import Example
+from splitcom.data.tokenize import Sample, tokenize
+from splitcom.errors import UserError
+from splitcom.models.adapters import AdapterBank, attach_lora
+from splitcom.models.load import load_model, resolve_device
+from splitcom.models.split import SplitModel
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    split: SplitModel
+    bank: AdapterBank
+    tokenizer: object
+    train_examples: list[Example]
+    val_examples: list[Example]
+    train: list[Sample]
+    val: list[Sample]
+    partitions: list[list[int]]  # sample ids per client
+    device: torch.device
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+def _subset(items: list, cap: int | None, seed: int) -> list:
+    if cap is None or cap >= len(items):
+        return items
+    idx = sorted(random.Random(seed).sample(range(len(items)), cap))
+    return [items[i] for i in idx]
+
+
+def check_cut(cut: int, num_layers: int) -> None:
+    if not 1 <= cut <= num_layers - 1:
+        raise UserError(f"must be in [1, {num_layers - 1}] for a model with {num_layers} layers (got {cut})",
+                        where="split.cut_layer")
+
+
+def prepare(cfg: Config) -> Setup:
+    torch.manual_seed(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    train_ex, val_ex = load_dataset(cfg.data.dataset, cfg.data.synthetic_size, cfg.train.seed)
+    train_ex = _subset(train_ex, cfg.data.max_train_samples, cfg.train.seed)
+    val_ex = _subset(val_ex, cfg.data.max_eval_samples, cfg.train.seed + 1)
+    model, tok = load_model(cfg.model.name, cfg.model.cache_dir)
+    num_layers = len(SplitModel(model).family.layers(model))
+    if cfg.federation.mode == "sfl":
+        check_cut(cfg.split.cut_layer, num_layers)
+    lora = cfg.model.lora
+    peft_model = attach_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules).to(device)
+    peft_model.train()
+    train = tokenize(train_ex, tok, cfg.data.max_length)
+    val = tokenize(val_ex, tok, cfg.data.max_length)
+    p = cfg.data.partition
+    parts = partition(train_ex, train, cfg.federation.num_clients, p.scheme, p.alpha, cfg.train.seed, p.by,
+                      p.bins, p.min_size) if cfg.federation.mode == "sfl" else [list(range(len(train)))]
+    return Setup(cfg, SplitModel(peft_model), AdapterBank(peft_model), tok, train_ex, val_ex, train, val, parts,
+                 device)

@@ -1,0 +1,137 @@
+"""``run(cfg)``: the rounds loop on one machine. Clients step in turn per batch over the in-process
+transport (same serde and byte counts as gRPC); adapters are aggregated every round; the global
+adapter is validated every epoch. Writes OUT/config.yaml, metrics.jsonl, summary.json, adapter/."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from splitcom.config import Config, dump_config
+from splitcom.evaluate.perplexity import evaluate_loss
+from splitcom.federation.centralized import CentralizedTrainer
+from splitcom.federation.client import SplitClient
+from splitcom.federation.server import SplitServer
+from splitcom.federation.setup import Setup, prepare
+from splitcom.models.adapters import GLOBAL
+from splitcom.runlog import RunLog, peak_rss_bytes, write_json
+from splitcom.transport.counters import ByteCounter
+from splitcom.transport.inprocess import InProcessChannel
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def build_sfl(s: Setup, counter: ByteCounter) -> tuple[SplitServer, list[SplitClient]]:
+    cfg = s.cfg
+    cuts = {cid: cfg.split.cut_layer for cid in range(cfg.federation.num_clients)}
+    server = SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                         server_adapters=cfg.federation.server_adapters, grad_codec=cfg.compression.grad_codec,
+                         device=s.device)
+    clients = [SplitClient(cid, s.split, s.bank, cuts[cid], InProcessChannel(cid, server, counter),
+                           [s.train[i] for i in s.partitions[cid]], lr=cfg.train.lr,
+                           weight_decay=cfg.train.weight_decay, codec=cfg.compression.codec,
+                           batch_size=cfg.train.batch_size, pad_id=s.pad_id, seed=cfg.train.seed, device=s.device)
+               for cid in cuts]
+    return server, clients
+
+
+def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    t0 = time.perf_counter()
+    s = prepare(cfg)
+    log, counter = RunLog(out / "metrics.jsonl"), ByteCounter()
+    sfl = cfg.federation.mode == "sfl"
+    if sfl:
+        server, workers = build_sfl(s, counter)
+        for c in workers:
+            c.join()
+    else:
+        workers = [CentralizedTrainer(s.split.model, s.bank, s.train, lr=cfg.train.lr,
+                                      weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size,
+                                      pad_id=s.pad_id, seed=cfg.train.seed, device=s.device)]
+
+    def validate(epoch: int) -> tuple[float, float]:
+        loss, ppl = evaluate_loss(s.split, s.bank, s.val, cfg.train.eval_batch_size, s.pad_id, s.device)
+        log.write("eval", epoch=epoch, val_loss=loss, val_ppl=ppl, **counter.snapshot(),
+                  wall_s=time.perf_counter() - t0)
+        return loss, ppl
+
+    rounds = 0
+
+    def aggregate(epoch: int) -> None:
+        nonlocal rounds
+        if sfl:
+            for c in workers:
+                c.push_adapters(rounds)
+            server.aggregate()
+            for c in workers:
+                c.pull_adapters(rounds)
+        rounds += 1
+        log.write("round", round=rounds, epoch=epoch, **counter.snapshot())
+
+    init_loss, _ = validate(0)
+    val_losses, train_losses = [], []
+    every = cfg.federation.aggregate_every
+    plans = [len(w.epoch_batches(1)) for w in workers]
+    global_step = 0
+    with _progress(cfg.logging.progress) as bar:
+        task = bar.add_task("starting", total=cfg.train.epochs * sum(plans))
+        for epoch in range(1, cfg.train.epochs + 1):
+            batches = [w.epoch_batches(epoch) for w in workers]
+            losses, since_round = [], 0
+            for step in range(max(len(b) for b in batches)):
+                for w, plan in zip(workers, batches, strict=True):
+                    if step >= len(plan):
+                        continue  # this client has fewer samples; it waits for the round
+                    loss = w.train_step(plan[step], global_step) if sfl else w.train_step(plan[step])
+                    losses.append(loss)
+                    cid = getattr(w, "cid", 0)
+                    mb = (counter.up + counter.down) / 1e6
+                    bar.update(task, advance=1, description=f"epoch {epoch}/{cfg.train.epochs} client {cid} "
+                               f"step {step + 1}/{len(plan)} loss {loss:.3f} sent {mb:.2f} MB")
+                    if global_step % cfg.logging.log_every == 0:
+                        log.write("step", epoch=epoch, step=step, client=cid, loss=loss,
+                                  bytes_up=counter.up, bytes_down=counter.down)
+                global_step += 1
+                since_round += 1
+                if isinstance(every, int) and since_round >= every:
+                    aggregate(epoch)
+                    since_round = 0
+            if every == "epoch" or since_round:
+                aggregate(epoch)
+            val_loss, val_ppl = validate(epoch)
+            val_losses.append(val_loss)
+            train_losses.append(sum(losses) / len(losses))
+            s.bank.model.save_pretrained(str(out / "adapter"), selected_adapters=[GLOBAL])
+    log.close()
+    summary = {
+        "model": cfg.model.name,
+        "mode": cfg.federation.mode,
+        "num_clients": cfg.federation.num_clients if sfl else 1,
+        "epochs": cfg.train.epochs,
+        "rounds": rounds,
+        "cut_layer": cfg.split.cut_layer if sfl else None,
+        "num_layers": s.split.num_layers,
+        "hidden_size": s.split.hidden_size,
+        "train_samples": len(s.train),
+        "client_samples": [len(p) for p in s.partitions],
+        "train_tokens": sum(w.tokens_forwarded for w in workers),
+        **counter.snapshot(),
+        "initial_val_loss": init_loss,
+        "val_loss": val_losses[-1],
+        "val_ppl": math.exp(min(val_losses[-1], 50.0)),
+        "val_loss_by_epoch": val_losses,
+        "train_loss_by_epoch": train_losses,
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    write_json(out / "summary.json", summary)
+    return summary

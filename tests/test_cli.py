@@ -1,0 +1,49 @@
+"""User errors: exit code 2 and one line naming the key or file, never a traceback."""
+
+import pytest
+from typer.testing import CliRunner
+
+from splitcom.cli import app
+
+runner = CliRunner()
+FAST = ["--set", "model.name=tiny-llama", "--set", "data.max_train_samples=12", "--set",
+        "data.max_eval_samples=4", "--set", "train.epochs=1", "--no-progress"]
+
+
+def _err(result):
+    text = result.output.strip()
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text
+    assert len(text.splitlines()) == 1, text
+    return text
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "bogus.key=1"], "bogus: unknown config key"),
+    (["--set", "model.bogus=1"], "model.bogus: unknown config key"),
+    (["--set", "train.epochs=two"], "train.epochs"),
+    (["--set", "split.cut_layer=4"], "split.cut_layer"),
+    (["--set", "split.cut_layer=0"], "split.cut_layer"),
+    (["--set", "data.dataset=e2e:/nonexistent/e2e"], "/nonexistent/e2e/trainset.csv"),
+    (["--set", "data.dataset=foo"], "data.dataset"),
+    (["--set", "federation.num_clients=20"], "federation.num_clients"),
+    (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
+    text = _err(runner.invoke(app, ["run", *FAST, *args, "--out", str(tmp_path)]))
+    assert needle in text
+
+
+def test_missing_column_names_file(tmp_path):
+    d = tmp_path / "e2e"
+    d.mkdir()
+    (d / "trainset.csv").write_text("mr,text\na[b],c\n")
+    (d / "devset.csv").write_text("mr,ref\na[b],c\n")
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", f"data.dataset=e2e:{d}", "--out", str(tmp_path)]))
+    assert "trainset.csv" in text and "ref" in text
+
+
+def test_run_prints_headline(tmp_path):
+    result = runner.invoke(app, ["run", *FAST, "--set", "federation.num_clients=2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "val loss" in result.output and (tmp_path / "summary.json").is_file()

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from splitcom.compress.codecs import CODECS, get_codec
+from splitcom.errors import ProtocolError
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (16, 64)])
+def test_exact_sizes(name, shape):
+    c = get_codec(name)
+    x = torch.randn(*shape)
+    assert len(c.encode(x)) == c.nbytes(*shape)
+
+
+def test_expected_byte_counts():
+    assert get_codec("fp32").nbytes(10, 64) == 2560
+    assert get_codec("fp16").nbytes(10, 64) == 1280
+    assert get_codec("bf16").nbytes(10, 64) == 1280
+    assert get_codec("int8").nbytes(10, 64) == 40 + 640
+    assert get_codec("int4").nbytes(10, 64) == 40 + 320
+    assert get_codec("int4").nbytes(1, 3) == 4 + 2  # odd count: the last byte holds one value
+
+
+@pytest.mark.parametrize("name,bound", [("fp32", 0.0), ("fp16", 2**-11), ("bf16", 2**-8),
+                                        ("int8", 0.5 / 127), ("int4", 0.5 / 7)])
+def test_round_trip_error_bounds(name, bound):
+    torch.manual_seed(0)
+    # rows spanning four decades, kept away from fp16's subnormal range (below 6e-5)
+    x = torch.randn(12, 33).sign() * (torch.rand(12, 33) + 0.5) * torch.logspace(-2, 2, 12)[:, None]
+    y = get_codec(name).decode(get_codec(name).encode(x), 12, 33)
+    if name.startswith("int"):  # absolute error <= half a step of the row's absmax scale
+        err = (y - x).abs().amax(dim=1) / x.abs().amax(dim=1)
+    else:  # relative error of a float format
+        err = ((y - x).abs() / x.abs().clamp_min(1e-30)).amax()
+    assert float(err.max()) <= bound * 1.0001
+
+
+def test_int_codecs_keep_zero_rows_and_signs():
+    x = torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.5, 1.0]])
+    for name in ("int8", "int4"):
+        y = get_codec(name).decode(get_codec(name).encode(x), 2, 3)
+        assert torch.equal(y[0], torch.zeros(3))
+        assert y[1, 0] == -1.0 and y[1, 2] == 1.0
+
+
+def test_wrong_length_is_protocol_error():
+    c = get_codec("int8")
+    with pytest.raises(ProtocolError):
+        c.decode(b"\0" * 5, 2, 3)
