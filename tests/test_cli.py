@@ -47,3 +47,15 @@ def test_run_prints_headline(tmp_path):
     result = runner.invoke(app, ["run", *FAST, "--set", "federation.num_clients=2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "val loss" in result.output and (tmp_path / "summary.json").is_file()
+
+
+def test_score_cli(tmp_path):
+    refs, hyps = tmp_path / "refs.txt", tmp_path / "hyps.txt"
+    refs.write_text("The Eagle is a pub.\nThe Eagle pub.\n\nZizzi serves French food.\n")
+    hyps.write_text("The Eagle is a pub.\nZizzi serves French food.\n")
+    result = runner.invoke(app, ["score", "--refs", str(refs), "--hyps", str(hyps), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"BLEU": 1.0' in result.output
+    hyps.write_text("only one line\n")
+    text = _err(runner.invoke(app, ["score", "--refs", str(refs), "--hyps", str(hyps)]))
+    assert "hyps.txt" in text and "refs.txt" in text

@@ -57,6 +57,21 @@ def run(
         console.print(f"  {stream:<14} {mb(n)}")
 
 
+@app.command()
+def score(
+    refs: Annotated[Path, typer.Option("--refs", help="References: one per line, a blank line between inputs.")],
+    hyps: Annotated[Path, typer.Option("--hyps", help="Hypotheses: one per line.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of the E2E script's format.")] = False,
+) -> None:
+    """BLEU, NIST, METEOR, ROUGE_L and CIDEr with the official E2E challenge definitions."""
+    try:
+        from splitcom.evaluate.score import score_command
+
+        typer.echo(score_command(refs, hyps, as_json=as_json))
+    except UserError as err:
+        _fail(err)
+
+
 def main() -> None:  # pragma: no cover
     app()
 
