@@ -36,7 +36,7 @@ def test_outputs_and_val_loss_drops(two_epoch_run):
     assert math.isclose(summary["val_ppl"], math.exp(summary["val_loss"]))
     assert json.loads((out / "summary.json").read_text()) == summary
     events = {e["event"] for e in read_metrics(out / "metrics.jsonl")}
-    assert events == {"eval", "step", "round"}
+    assert events == {"eval", "step", "round", "reuse"}
 
 
 def test_act_up_bytes_are_exact(two_epoch_run):

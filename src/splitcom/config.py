@@ -99,6 +99,34 @@ class TrainCfg(_Strict):
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where tensors live.")
 
 
+class BangBangCfg(_Strict):
+    aggressive: float = Field(0.99, ge=-1, le=1, description="Threshold while val loss keeps improving.")
+    conservative: float = Field(0.9999, ge=-1, le=1, description="Threshold after val loss got worse.")
+    tolerance: float = Field(0.0, ge=0, description="Relative val-loss increase still counted as improving.")
+
+
+class DDPGCfg(_Strict):
+    low: float = Field(0.99, gt=0, lt=1, description="Lowest threshold the agent may pick.")
+    high: float = Field(0.9999, gt=0, lt=1, description="Highest threshold the agent may pick.")
+    loss_weight: float = Field(1.0, ge=0, description="Reward weight of a relative val-loss increase.")
+    noise_std: float = Field(0.3, ge=0, description="Initial exploration noise (action space [-1, 1]).")
+    load: str | None = Field(None, description="Warm-start from an agent saved by an earlier run.")
+
+
+class TemporalCfg(_Strict):
+    enabled: bool = Field(False, description="Temporal reuse: resend a sample's tensor only when it drifted.")
+    threshold: float = Field(0.999, ge=-1, le=1, description="REUSE when cos(RP summaries) >= threshold.")
+    projection_dim: int = Field(16, ge=1, description="r: columns of the random projection (<= hidden size).")
+    max_reuse_streak: int | None = Field(None, ge=1, description="Force a FULL after this many REUSEs in a row.")
+    reused_grad: Literal["apply", "skip"] = Field(
+        "apply", description="For a REUSEd activation: apply the gradient computed on the cached tensor, "
+        "or skip it (no gradient sent down for that sample).")
+    store: Literal["memory", "disk"] = Field("memory", description="Where the receiver keeps full tensors.")
+    controller: Literal["fixed", "bangbang", "ddpg"] = Field("fixed", description="Threshold control per epoch.")
+    bangbang: BangBangCfg = Field(default_factory=BangBangCfg)
+    ddpg: DDPGCfg = Field(default_factory=DDPGCfg)
+
+
 class CompressionCfg(_Strict):
     codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         "fp32", description="Codec of activations on the wire."
@@ -106,6 +134,7 @@ class CompressionCfg(_Strict):
     grad_codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         "fp32", description="Codec of gradients on the wire."
     )
+    temporal: TemporalCfg = Field(default_factory=TemporalCfg)
 
 
 class LoggingCfg(_Strict):

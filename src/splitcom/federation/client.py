@@ -7,7 +7,9 @@ import random
 import torch
 
 from splitcom.compress.codecs import get_codec
+from splitcom.compress.temporal import TemporalSender
 from splitcom.data.tokenize import Batch, Sample, collate
+from splitcom.errors import ProtocolError
 from splitcom.models.adapters import AdapterBank
 from splitcom.models.split import SplitModel, pad, unpad
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, SampleTensor, Stream, TensorMsg
@@ -17,7 +19,8 @@ from splitcom.transport.base import Channel
 class SplitClient:
     def __init__(self, cid: int, split: SplitModel, bank: AdapterBank, cut: int, channel: Channel,
                  samples: list[Sample], *, lr: float, weight_decay: float = 0.0, codec: str = "fp32",
-                 batch_size: int = 8, pad_id: int = 0, seed: int = 0, device: torch.device | str = "cpu"):
+                 batch_size: int = 8, pad_id: int = 0, seed: int = 0, device: torch.device | str = "cpu",
+                 temporal=None):
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.codec, self.device = get_codec(codec), torch.device(device)
@@ -28,6 +31,12 @@ class SplitClient:
                                            weight_decay=weight_decay)
         self.labels_sent: set[int] = set()  # the server caches labels: each goes up once
         self.tokens_forwarded = 0
+        # Temporal reuse of act_up (compress/temporal.py); the threshold is set by the rounds loop.
+        self.sender = None if temporal is None or not temporal.enabled else TemporalSender(
+            split.hidden_size, temporal.projection_dim, seed, "act_up", temporal.max_reuse_streak)
+        self.threshold = temporal.threshold if temporal is not None else 1.0
+        self.sent_full = self.sent_reuse = 0  # act_up sample transfers, reset by the rounds loop
+        self.bytes_saved = 0  # act_up payload bytes not sent thanks to REUSE
 
     @property
     def num_samples(self) -> int:
@@ -55,13 +64,33 @@ class SplitClient:
             self.labels_sent.update(new)
         rows = unpad(h.detach(), batch.lengths)  # per sample [T_i, H]: no padding on the wire
         msg = TensorMsg(Stream.act_up, self.cid, step, self.codec.name, self.split.hidden_size,
-                        [SampleTensor(sid, n, self.codec.encode(r))
-                         for sid, n, r in zip(batch.sample_ids, batch.lengths, rows, strict=True)])
+                        [self._encode(sid, n, r) for sid, n, r in zip(batch.sample_ids, batch.lengths, rows,
+                                                                      strict=True)])
         reply = self.channel.request(msg)
-        grads = [get_codec(reply.codec).decode(s.payload, s.length, reply.hidden) for s in reply.samples]
+        if [s.sample_id for s in reply.samples] != batch.sample_ids:
+            raise ProtocolError("gradient samples do not match the activations sent", field="samples")
+        codec, hidden = get_codec(reply.codec), self.split.hidden_size
+        grads = [torch.zeros(s.length, hidden) if s.payload is None else codec.decode(s.payload, s.length, hidden)
+                 for s in reply.samples]  # SKIP: no gradient for a reused activation
         h.backward(pad(grads, h.shape[1]).to(self.device))
         self.optimizer.step()
         return reply.scalar
+
+    def _encode(self, sid: int, n: int, row: torch.Tensor) -> SampleTensor:
+        if self.sender is not None and self.sender.should_reuse(sid, row, self.threshold):
+            self.sender.mark_reused(sid)
+            self.sent_reuse += 1
+            self.bytes_saved += self.codec.nbytes(n, row.shape[1])
+            return SampleTensor(sid, n, None)
+        payload = self.codec.encode(row)
+        if self.sender is not None:  # remember what the server will hold: the decoded tensor
+            self.sender.mark_sent(sid, self.codec.decode(payload, n, row.shape[1]))
+        self.sent_full += 1
+        return SampleTensor(sid, n, payload)
+
+    @property
+    def cache_bytes(self) -> int:
+        return 0 if self.sender is None else self.sender.memory_bytes
 
     def push_adapters(self, round_: int) -> None:
         self.channel.send(AdapterMsg(Stream.adapters_up, self.cid, round_, float(self.num_samples),

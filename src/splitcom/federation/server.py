@@ -13,6 +13,7 @@ import threading
 import torch
 
 from splitcom.compress.codecs import get_codec
+from splitcom.compress.temporal import TemporalReceiver
 from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
 from splitcom.evaluate.perplexity import evaluate_loss
@@ -41,8 +42,13 @@ def client_adapter(cid: int) -> str:
 class SplitServer:
     def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], *, lr: float,
                  weight_decay: float = 0.0, server_adapters: str = "per_client", grad_codec: str = "fp32",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None):
         self.split, self.bank, self.cuts = split, bank, dict(cuts)
+        # Temporal reuse: per client, the last FULL activation of every sample id.
+        self.reuse = temporal is not None and temporal.enabled
+        self.skip_reused_grad = self.reuse and temporal.reused_grad == "skip"
+        self.receivers = {cid: TemporalReceiver(temporal.store, None if cache_dir is None else
+                                                f"{cache_dir}/client{cid}") for cid in cuts} if self.reuse else {}
         self.mode, self.grad_codec, self.device = server_adapters, grad_codec, torch.device(device)
         self.num_layers = split.num_layers
         self._lock = threading.Lock()  # the server serves one request at a time
@@ -119,14 +125,24 @@ class SplitServer:
         if msg.hidden != self.split.hidden_size:
             raise ProtocolError(f"hidden {msg.hidden} != model hidden {self.split.hidden_size}", field="hidden")
         codec, rows = get_codec(msg.codec), []
+        receiver = self.receivers.get(msg.client_id)
         for i, s in enumerate(msg.samples):
+            if s.skip:
+                raise ProtocolError(f"SKIP is not valid on act_up (sample id {s.sample_id})", field=f"samples[{i}]")
             if s.reuse:
-                raise ProtocolError(f"REUSE for sample id {s.sample_id}, but temporal reuse is off",
-                                    field=f"samples[{i}]")
+                if receiver is None:
+                    raise ProtocolError(f"REUSE for sample id {s.sample_id}, but temporal reuse is off",
+                                        field=f"samples[{i}]")
+                rows.append(receiver.get(s.sample_id, s.length, field=f"samples[{i}].sample_id"))
+                continue
             x = codec.decode(s.payload, s.length, msg.hidden)
             if not torch.isfinite(x).all():
                 raise ProtocolError(f"NaN or Inf in sample id {s.sample_id}", field=f"samples[{i}].payload")
             rows.append(x)
+        if receiver is not None:  # store only once the whole message is valid: a bad one changes nothing
+            for s, x in zip(msg.samples, rows, strict=True):
+                if not s.reuse:
+                    receiver.put(s.sample_id, x)
         return rows
 
     def _labels(self, msg: TensorMsg) -> torch.Tensor:
@@ -149,8 +165,8 @@ class SplitServer:
         if not msg.samples:
             raise ProtocolError("empty batch", field="samples")
         cid, cut = msg.client_id, self.cuts[msg.client_id]
+        labels = self._labels(msg).to(self.device)  # validate everything before the cache changes
         rows = self._decode_activations(msg)
-        labels = self._labels(msg).to(self.device)
         lengths = [s.length for s in msg.samples]
         h = pad(rows).to(self.device).requires_grad_(True)  # [B, T, H] leaf: its grad goes down
         name = self.body_adapter(cid)
@@ -161,9 +177,14 @@ class SplitServer:
         loss.backward()
         opt.step()
         codec = get_codec(self.grad_codec)
-        grads = [SampleTensor(s.sample_id, s.length, codec.encode(g))
+        grads = [SampleTensor(s.sample_id, s.length, None, skip=True) if s.reuse and self.skip_reused_grad
+                 else SampleTensor(s.sample_id, s.length, codec.encode(g))
                  for s, g in zip(msg.samples, unpad(h.grad, lengths), strict=True)]
         return TensorMsg(Stream.grad_down, cid, msg.step, codec.name, msg.hidden, grads, float(loss.item()))
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(r.memory_bytes for r in self.receivers.values())
 
     # ---- rounds -----------------------------------------------------------------------------
     def aggregate(self) -> dict[str, torch.Tensor]:

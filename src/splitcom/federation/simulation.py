@@ -14,6 +14,7 @@ from splitcom.config import Config, dump_config
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.client import SplitClient
+from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
 from splitcom.federation.setup import Setup, prepare
 from splitcom.models.adapters import GLOBAL
@@ -27,16 +28,18 @@ def _progress(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
-def build_sfl(s: Setup, counter: ByteCounter) -> tuple[SplitServer, list[SplitClient]]:
+def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None) -> tuple[SplitServer, list[SplitClient]]:
     cfg = s.cfg
     cuts = {cid: cfg.split.cut_layer for cid in range(cfg.federation.num_clients)}
+    temporal = cfg.compression.temporal
     server = SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          server_adapters=cfg.federation.server_adapters, grad_codec=cfg.compression.grad_codec,
-                         device=s.device)
+                         device=s.device, temporal=temporal, cache_dir=cache_dir)
     clients = [SplitClient(cid, s.split, s.bank, cuts[cid], InProcessChannel(cid, server, counter),
                            [s.train[i] for i in s.partitions[cid]], lr=cfg.train.lr,
                            weight_decay=cfg.train.weight_decay, codec=cfg.compression.codec,
-                           batch_size=cfg.train.batch_size, pad_id=s.pad_id, seed=cfg.train.seed, device=s.device)
+                           batch_size=cfg.train.batch_size, pad_id=s.pad_id, seed=cfg.train.seed, device=s.device,
+                           temporal=temporal)
                for cid in cuts]
     return server, clients
 
@@ -50,9 +53,12 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     log, counter = RunLog(out / "metrics.jsonl"), ByteCounter()
     sfl = cfg.federation.mode == "sfl"
     if sfl:
-        server, workers = build_sfl(s, counter)
+        server, workers = build_sfl(s, counter, str(out / "cache") if
+                                    cfg.compression.temporal.store == "disk" else None)
         for c in workers:
             c.join()
+        reuse = ReuseControl(cfg.compression.temporal, workers, s.split.hidden_size, cfg.train.epochs,
+                             cfg.train.seed)
     else:
         workers = [CentralizedTrainer(s.split.model, s.bank, s.train, lr=cfg.train.lr,
                                       weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size,
@@ -85,6 +91,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     with _progress(cfg.logging.progress) as bar:
         task = bar.add_task("starting", total=cfg.train.epochs * sum(plans))
         for epoch in range(1, cfg.train.epochs + 1):
+            if sfl:
+                reuse.begin_epoch(counter.by_stream().get("act_up", 0))
             batches = [w.epoch_batches(epoch) for w in workers]
             losses, since_round = [], 0
             for step in range(max(len(b) for b in batches)):
@@ -108,10 +116,24 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
             if every == "epoch" or since_round:
                 aggregate(epoch)
             val_loss, val_ppl = validate(epoch)
+            if sfl:
+                log.write("reuse", **reuse.end_epoch(epoch, val_loss, counter.by_stream().get("act_up", 0)))
             val_losses.append(val_loss)
             train_losses.append(sum(losses) / len(losses))
             s.bank.model.save_pretrained(str(out / "adapter"), selected_adapters=[GLOBAL])
     log.close()
+    temporal = {}
+    if sfl:
+        agent = reuse.save(out)
+        temporal = {
+            "reuse_ratio": reuse.reuse_ratio,
+            "reuse_ratio_by_epoch": [r["reuse_ratio"] for r in reuse.by_epoch],
+            "threshold_by_epoch": [r["threshold"] if cfg.compression.temporal.enabled else None
+                                   for r in reuse.by_epoch],
+            "client_cache_bytes": sum(c.cache_bytes for c in workers),
+            "server_cache_bytes": server.cache_bytes,
+            **({"ddpg_agent": agent} if agent else {}),
+        }
     summary = {
         "model": cfg.model.name,
         "mode": cfg.federation.mode,
@@ -132,6 +154,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
         "train_loss_by_epoch": train_losses,
         "wall_s": time.perf_counter() - t0,
         "peak_rss_bytes": peak_rss_bytes(),
+        **temporal,
     }
     write_json(out / "summary.json", summary)
     return summary

@@ -30,15 +30,18 @@ DIRECTION = {
 
 @dataclass
 class SampleTensor:
-    """One sample's tensor: a FULL payload (codec bytes of [length, hidden]) or a REUSE (payload None)."""
+    """One sample's tensor: FULL (codec bytes of [length, hidden]), REUSE (payload None: the receiver
+    substitutes its cached copy) or SKIP (payload None, skip=True: no tensor for this sample, e.g. no
+    gradient for a reused activation under ``reused_grad=skip``)."""
 
     sample_id: int
     length: int  # T_i, real tokens of the sample
     payload: bytes | None
+    skip: bool = False
 
     @property
     def reuse(self) -> bool:
-        return self.payload is None
+        return self.payload is None and not self.skip
 
 
 @dataclass

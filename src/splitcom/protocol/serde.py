@@ -8,7 +8,7 @@ then, by type:
 
 - TENSOR (type 1): stream u8 | codec u8 | reserved u16 | hidden u32 | scalar f64      (16 bytes)
   then ``count`` samples, each: sample_id u64 | length u32 | kind u8 | payload_len u32 (17 bytes)
-  followed by ``payload_len`` codec bytes (0 for REUSE).
+  followed by ``payload_len`` codec bytes (0 for REUSE and SKIP). kind: 0 FULL, 1 REUSE, 2 SKIP.
   So a TENSOR message is 32 + sum_i(17 + payload_i) bytes; fp32 payload_i = T_i * H * 4.
 - LABELS (type 2): per sample: sample_id u64 | length u32, then ``length`` int32 labels.
 - ADAPTER (type 3): stream u8 | weight f64, then per tensor: name_len u16 | name utf-8 | ndim u8 |
@@ -49,7 +49,7 @@ TENSOR_HEADER_BYTES = HEADER.size + TENSOR_EXT.size  # 32
 SAMPLE_HEADER_BYTES = SAMPLE.size  # 17
 MAX_MESSAGE_BYTES = 1 << 30  # refuse anything larger before parsing it
 TYPES = {TensorMsg: 1, LabelsMsg: 2, AdapterMsg: 3, ControlMsg: 4}
-FULL, REUSE = 0, 1
+FULL, REUSE, SKIP = 0, 1, 2
 
 
 def tensor_msg_bytes(lengths: list[int], hidden: int, bytes_per_value: int = 4) -> int:
@@ -65,7 +65,8 @@ def encode(msg: Message) -> bytes:
         parts.append(TENSOR_EXT.pack(int(msg.stream), CODECS[msg.codec].code, 0, msg.hidden, msg.scalar))
         for s in msg.samples:
             payload = s.payload or b""
-            parts.append(SAMPLE.pack(s.sample_id, s.length, REUSE if s.payload is None else FULL, len(payload)))
+            sample_kind = SKIP if s.skip else REUSE if s.payload is None else FULL
+            parts.append(SAMPLE.pack(s.sample_id, s.length, sample_kind, len(payload)))
             parts.append(payload)
     elif isinstance(msg, LabelsMsg):
         count = len(msg.labels)
@@ -142,12 +143,12 @@ def _decode_tensor(r: _Reader, client_id: int, step: int, count: int) -> TensorM
     samples = []
     for i in range(count):
         sid, length, kind, plen = r.unpack(SAMPLE, f"samples[{i}]")
-        if kind not in (FULL, REUSE):
-            raise ProtocolError(f"kind {kind} is neither FULL nor REUSE", field=f"samples[{i}].kind")
-        if kind == REUSE:
+        if kind not in (FULL, REUSE, SKIP):
+            raise ProtocolError(f"kind {kind} is not FULL, REUSE or SKIP", field=f"samples[{i}].kind")
+        if kind != FULL:
             if plen:
-                raise ProtocolError("REUSE carries a payload", field=f"samples[{i}].payload_len")
-            samples.append(SampleTensor(sid, length, None))
+                raise ProtocolError("REUSE/SKIP carries a payload", field=f"samples[{i}].payload_len")
+            samples.append(SampleTensor(sid, length, None, skip=kind == SKIP))
             continue
         if plen != codec.nbytes(length, hidden):
             raise ProtocolError(f"payload_len {plen} disagrees with length {length} x hidden {hidden} "

@@ -1,0 +1,128 @@
+"""Communication benchmark on real E2E data: bytes against validation perplexity for every compression
+setting, each row a full simulated SFL run with the same model, data, partition and seed.
+
+    .venv/bin/python bench/comm.py [--samples 80] [--epochs 6] [--clients 10] [--rows baseline int8 ...]
+
+Writes bench/results/comm.md (the table) and bench/results/comm.png (act_up bytes against val ppl).
+Skips with a message where ../shared/data/e2e is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from splitcom.config import build_config
+from splitcom.federation.simulation import run
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+E2E = ROOT.parent / "shared" / "data" / "e2e"
+T = "compression.temporal"
+
+ROWS: dict[str, list[str]] = {
+    "baseline": [],
+    "int8": ["compression.codec=int8"],
+    "int4": ["compression.codec=int4"],
+    "temporal@0.99": [f"{T}.enabled=true", f"{T}.threshold=0.99"],
+    "temporal@0.999": [f"{T}.enabled=true", f"{T}.threshold=0.999"],
+    "temporal@0.9999": [f"{T}.enabled=true", f"{T}.threshold=0.9999"],
+    "bangbang": [f"{T}.enabled=true", f"{T}.controller=bangbang", f"{T}.bangbang.aggressive=0.99",
+                 f"{T}.bangbang.conservative=0.9999"],
+    "ddpg": [f"{T}.enabled=true", f"{T}.controller=ddpg", f"{T}.ddpg.low=0.99", f"{T}.ddpg.high=0.9999"],
+    "temporal+int8": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8"],
+    "temporal+int4": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int4"],
+}
+
+
+def common(args) -> list[str]:
+    return [f"model.name={args.model}", f"data.dataset=e2e:{E2E}", f"data.max_train_samples={args.samples}",
+            f"data.max_eval_samples={args.eval_samples}", f"data.max_length={args.max_length}",
+            "data.partition.scheme=length_dirichlet", f"data.partition.alpha={args.alpha}",
+            f"federation.num_clients={args.clients}", f"train.epochs={args.epochs}",
+            f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"split.cut_layer={args.cut}",
+            "logging.progress=false"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--samples", type=int, default=80)
+    ap.add_argument("--eval-samples", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--cut", type=int, default=2)
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-comm")
+    args = ap.parse_args()
+    if not (E2E / "trainset.csv").is_file():
+        print(f"skipped: E2E data not found at {E2E}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.rows:
+        t0 = time.perf_counter()
+        cfg = build_config({}, common(args) + ROWS[name])
+        s = run(cfg, args.runs / name, progress=False)
+        results[name] = s
+        print(f"{name:<16} act_up {s['bytes_by_stream'].get('act_up', 0) / 1e6:9.3f} MB  total "
+              f"{(s['bytes_up'] + s['bytes_down']) / 1e6:9.3f} MB  val ppl {s['val_ppl']:8.3f}  reuse "
+              f"{s.get('reuse_ratio', 0):.3f}  {time.perf_counter() - t0:6.1f} s", flush=True)
+    (args.out / "comm.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                    "results": results}, indent=1))
+    write_report(results, args)
+    return 0
+
+
+def write_report(results: dict, args) -> None:
+    base = results.get("baseline")
+    lines = [
+        "# Communication benchmark (standard mode)", "",
+        f"Model `{args.model}`, E2E train subset of {args.samples} samples, {args.clients} clients, "
+        f"`length_dirichlet` (alpha {args.alpha}), {args.epochs} epochs, batch {args.batch_size}, cut layer "
+        f"{args.cut}, lr {args.lr}, max length {args.max_length}; validation on {args.eval_samples} E2E dev samples. "
+        "One run per row, same seed. Reductions are against the fp32 baseline row.", "",
+        "| row | act_up bytes | act_up reduction | total bytes | total reduction | val ppl | Δppl | reuse ratio | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, s in results.items():
+        act, total = s["bytes_by_stream"].get("act_up", 0), s["bytes_up"] + s["bytes_down"]
+        red = f"{100 * (1 - act / base['bytes_by_stream']['act_up']):.2f} %" if base else "-"
+        tred = f"{100 * (1 - total / (base['bytes_up'] + base['bytes_down'])):.2f} %" if base else "-"
+        dppl = f"{100 * (s['val_ppl'] / base['val_ppl'] - 1):+.2f} %" if base else "-"
+        lines.append(f"| {name} | {act:,} | {red} | {total:,} | {tred} | {s['val_ppl']:.3f} | {dppl} | "
+                     f"{s.get('reuse_ratio', 0):.3f} | {s['wall_s']:.0f} |")
+    (args.out / "comm.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name, s in results.items():
+            ax.scatter(s["bytes_by_stream"].get("act_up", 0) / 1e6, s["val_ppl"], s=40)
+            ax.annotate(name, (s["bytes_by_stream"].get("act_up", 0) / 1e6, s["val_ppl"]), fontsize=8,
+                        xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("act_up bytes (MB, log scale)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title(f"{args.model}: uplink activations vs quality ({args.epochs} epochs, {args.clients} clients)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.out / "comm.png", dpi=120)
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Per-epoch bookkeeping of temporal reuse and the threshold controller that sets the next epoch's
+threshold (compress/control.py). Kept out of the rounds loop so the loop stays readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from splitcom.compress.control import IntervalStats, make_controller
+from splitcom.config import TemporalCfg
+from splitcom.errors import UserError
+
+
+class ReuseControl:
+    def __init__(self, cfg: TemporalCfg, clients: list, hidden: int, epochs: int, seed: int):
+        if cfg.enabled and cfg.projection_dim > hidden:
+            raise UserError(f"must be <= the hidden size {hidden} (got {cfg.projection_dim})",
+                            where="compression.temporal.projection_dim")
+        self.cfg, self.clients, self.epochs = cfg, clients, epochs
+        self.controller = None
+        if cfg.enabled:
+            options = {"fixed": {"threshold": cfg.threshold}, "bangbang": cfg.bangbang.model_dump(),
+                       "ddpg": cfg.ddpg.model_dump()}[cfg.controller]
+            self.controller = make_controller(cfg.controller, options, seed=seed)
+        self.threshold = self.controller.initial() if self.controller else 1.0
+        self.by_epoch: list[dict] = []
+        self._full = self._reuse = self._saved = self._act = 0
+
+    def begin_epoch(self, act_up_bytes: int) -> None:
+        for c in self.clients:
+            c.threshold = self.threshold
+        self._full = sum(c.sent_full for c in self.clients)
+        self._reuse = sum(c.sent_reuse for c in self.clients)
+        self._saved = sum(c.bytes_saved for c in self.clients)
+        self._act = act_up_bytes
+
+    def end_epoch(self, epoch: int, val_loss: float, act_up_bytes: int) -> dict:
+        full = sum(c.sent_full for c in self.clients) - self._full
+        reuse = sum(c.sent_reuse for c in self.clients) - self._reuse
+        sent = act_up_bytes - self._act
+        record = {"epoch": epoch, "threshold": self.threshold, "reuse_ratio": reuse / max(full + reuse, 1),
+                  "act_up_bytes": sent, "act_up_bytes_without_reuse": sent + sum(
+                      c.bytes_saved for c in self.clients) - self._saved, "val_loss": val_loss}
+        self.by_epoch.append(record)
+        if self.controller is not None:
+            self.threshold = self.controller.update(IntervalStats(
+                progress=min(epoch / self.epochs, 1.0), threshold=record["threshold"],
+                reuse_ratio=record["reuse_ratio"], val_loss=val_loss, bytes_sent=sent,
+                bytes_full=record["act_up_bytes_without_reuse"]))
+        return record
+
+    @property
+    def reuse_ratio(self) -> float:
+        full = sum(c.sent_full for c in self.clients)
+        reuse = sum(c.sent_reuse for c in self.clients)
+        return reuse / max(full + reuse, 1)
+
+    def save(self, out: Path) -> str | None:
+        if self.controller is None or self.cfg.controller != "ddpg":
+            return None
+        return self.controller.save(out / "ddpg_agent.zip")

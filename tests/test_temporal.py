@@ -1,0 +1,149 @@
+"""Temporal reuse: REUSE/FULL decisions, exact receiver substitution, RP estimates, end-to-end saving."""
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_cfg
+
+from splitcom.compress.codecs import get_codec
+from splitcom.compress.temporal import TemporalReceiver, TemporalSender, cosine, projection
+from splitcom.errors import ProtocolError, UserError
+from splitcom.federation.setup import prepare
+from splitcom.federation.simulation import build_sfl, run
+from splitcom.protocol import serde
+from splitcom.protocol.messages import ControlMsg, LabelsMsg, SampleTensor, Stream, TensorMsg
+from splitcom.transport.counters import ByteCounter
+
+
+def test_decisions_on_constructed_tensors():
+    torch.manual_seed(0)
+    s = TemporalSender(hidden=32, dim=8, seed=1, stream="act_up")
+    x = torch.randn(5, 32)
+    assert not s.should_reuse(7, x, 0.5)  # first sight: always FULL
+    s.mark_sent(7, x)
+    assert s.should_reuse(7, x, 0.999999)  # unchanged
+    assert s.should_reuse(7, 3.0 * x, 0.999999)  # cosine ignores scale
+    assert not s.should_reuse(7, -x, 0.0)  # opposite: cos = -1
+    assert s.should_reuse(7, -x, -1.0)  # threshold -1 accepts anything
+    assert not s.should_reuse(7, torch.randn(6, 32), -1.0)  # length changed: FULL
+    noisy = x + 0.3 * torch.randn(5, 32)
+    sim = s.similarity(7, noisy)
+    assert 0.8 < sim < 0.999
+    assert s.should_reuse(7, noisy, sim - 1e-9) and not s.should_reuse(7, noisy, sim + 1e-9)
+
+
+def test_max_reuse_streak_forces_refresh():
+    x = torch.randn(3, 16)
+    s = TemporalSender(16, 4, 0, "act_up", max_reuse_streak=2)
+    s.mark_sent(1, x)
+    decisions = []
+    for _ in range(6):
+        reuse = s.should_reuse(1, x, 0.9)
+        decisions.append(reuse)
+        s.mark_reused(1) if reuse else s.mark_sent(1, x)
+    assert decisions == [True, True, False, True, True, False]
+
+
+def test_projection_is_rebuilt_from_seed_and_stream():
+    assert torch.equal(projection(64, 8, 3, "act_up"), projection(64, 8, 3, "act_up"))
+    assert not torch.equal(projection(64, 8, 3, "act_up"), projection(64, 8, 3, "grad_down"))
+    assert not torch.equal(projection(64, 8, 3, "act_up"), projection(64, 8, 4, "act_up"))
+
+
+def test_rp_cosine_within_johnson_lindenstrauss_bounds():
+    """For unit vectors, P(|cos_est - cos| > eps) <= 2 exp(-r eps^2 / 8) (a JL inner-product bound)."""
+    g = torch.Generator().manual_seed(0)
+    h, pairs, eps = 256, 300, 0.25
+    mean_err = {}
+    for r in (16, 256):
+        errs = []
+        for i in range(pairs):
+            R = projection(h, r, i, "jl")
+            x = torch.randn(1, h, generator=g)
+            y = x + torch.randn(1, h, generator=g) * (i % 5) * 0.3  # a spread of true cosines
+            errs.append(abs(cosine(x @ R, y @ R) - cosine(x, y)))
+        frac = sum(e > eps for e in errs) / pairs
+        assert frac <= 2 * math.exp(-r * eps**2 / 8) + 0.02
+        mean_err[r] = sum(errs) / pairs
+    # estimation error shrinks like 1/sqrt(r): 16x more columns, about 4x less error
+    assert 2.5 < mean_err[16] / mean_err[256] < 6.5
+
+
+@pytest.mark.parametrize("codec", ["fp32", "int8"])
+def test_receiver_reproduces_what_the_sender_meant(codec):
+    """Over serde and a lossy codec, the server's tensor for a REUSE is the decoded last FULL, and the
+    sender's summary describes exactly that tensor."""
+    c = get_codec(codec)
+    s, r = TemporalSender(16, 4, 0, "act_up"), TemporalReceiver()
+    x = torch.randn(4, 16)
+    payload = c.encode(x)
+    s.mark_sent(9, c.decode(payload, 4, 16))
+    full = serde.decode(serde.encode(TensorMsg(Stream.act_up, 0, 0, codec, 16, [SampleTensor(9, 4, payload)])))
+    r.put(9, c.decode(full.samples[0].payload, 4, 16))
+    x2 = x * 1.0001
+    assert s.should_reuse(9, x2, 0.999)
+    reuse = serde.decode(serde.encode(TensorMsg(Stream.act_up, 0, 1, codec, 16, [SampleTensor(9, 4, None)])))
+    got = r.get(reuse.samples[0].sample_id, 4)
+    assert torch.equal(got, c.decode(payload, 4, 16))
+    assert torch.equal(s.summary(got), s.summaries[9])
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_receiver_unknown_id_is_protocol_error(store, tmp_path):
+    r = TemporalReceiver(store, tmp_path if store == "disk" else None)
+    with pytest.raises(ProtocolError, match="sample id 42"):
+        r.get(42, 3)
+    r.put(42, torch.ones(3, 2))
+    assert torch.equal(r.get(42, 3), torch.ones(3, 2))
+    with pytest.raises(ProtocolError, match="length"):
+        r.get(42, 4)
+    assert r.memory_bytes == 24
+
+
+def test_server_rejects_unknown_reuse_and_keeps_other_clients_state():
+    cfg = tiny_cfg(**{"compression.temporal.enabled": True, "federation.num_clients": 2})
+    s = prepare(cfg)
+    server, clients = build_sfl(s, ByteCounter())
+    batch = clients[0].epoch_batches(1)[0]
+    clients[0].train_step(batch, 0)
+    before = {k: v.clone() for k, v in s.bank.state("c1").items()}
+    # client 1 claims a REUSE for a sample it never sent
+    server.handle_bytes(1, serde.encode(LabelsMsg(1, 0, {5: [1, 2, 3]})))
+    reply = serde.decode(server.handle_bytes(1, serde.encode(
+        TensorMsg(Stream.act_up, 1, 0, "fp32", s.split.hidden_size, [SampleTensor(5, 3, None)]))))
+    assert isinstance(reply, ControlMsg) and reply.kind == "error"
+    assert "sample id 5" in reply.body["message"] and reply.body["field"] == "samples[0].sample_id"
+    assert all(torch.equal(v, s.bank.state("c1")[k]) for k, v in before.items())
+    assert 5 not in server.receivers[1]
+    clients[0].train_step(batch, 1)  # the server is still serving
+
+
+def test_end_to_end_reuse_cuts_act_up_and_is_deterministic(tmp_path):
+    over = {"compression.temporal.enabled": True, "compression.temporal.threshold": -1.0,
+            "compression.temporal.projection_dim": 8}
+    a = run(tiny_cfg(**over), tmp_path / "a", progress=False)
+    b = run(tiny_cfg(**over), tmp_path / "b", progress=False)
+    base = run(tiny_cfg(), tmp_path / "base", progress=False)
+    # threshold -1: epoch 1 all FULL, epoch 2 all REUSE (headers only)
+    assert a["reuse_ratio_by_epoch"] == [0.0, 1.0] and a["reuse_ratio"] == 0.5
+    assert a["bytes_by_stream"]["act_up"] < 0.51 * base["bytes_by_stream"]["act_up"]
+    volatile = {"wall_s", "peak_rss_bytes"}
+    assert {k: v for k, v in a.items() if k not in volatile} == {k: v for k, v in b.items() if k not in volatile}
+    h, r = a["hidden_size"], 8
+    assert a["client_cache_bytes"] * h == a["server_cache_bytes"] * r  # summaries are r/H of full tensors
+    assert a["threshold_by_epoch"] == [-1.0, -1.0]
+
+
+def test_projection_dim_above_hidden_is_user_error(tmp_path):
+    with pytest.raises(UserError, match="compression.temporal.projection_dim"):
+        run(tiny_cfg(**{"compression.temporal.enabled": True, "compression.temporal.projection_dim": 65}),
+            tmp_path, progress=False)
+
+
+def test_skip_reused_gradients_sends_no_gradient(tmp_path):
+    over = {"compression.temporal.enabled": True, "compression.temporal.threshold": -1.0,
+            "compression.temporal.reused_grad": "skip"}
+    a = run(tiny_cfg(**over), tmp_path, progress=False)
+    # epoch 2 is all REUSE, so all SKIP: grad_down is about half of act_up's full-epoch bytes
+    assert a["bytes_by_stream"]["grad_down"] < 0.51 * (a["bytes_by_stream"]["act_up"] * 2)
