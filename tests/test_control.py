@@ -84,9 +84,10 @@ def test_registry_and_unknown_name():
 def toy_run(c: DDPGController, episodes: int, n: int = 20) -> list[float]:
     """Synthetic training where the stats follow from the chosen threshold; returns the rewards.
 
-    With aggressiveness x = (1 - a) / 2 in [0, 1] (a the threshold as an action), the interval saves a
-    fraction 0.9 x of the bytes and changes the loss by a relative -0.135 + 1.5 x^2, so the controller's
-    reward is 0.9 x - max(0, 1.5 x^2 - 0.135): best at x = 0.3 (reward 0.27), 0 at x = 0, -0.1 at x = 1.
+    With aggressiveness x = (1 - a) / 2 in [0, 1] (a: the threshold as an action), an interval saves a
+    fraction 0.9 min(x, 0.6) of the bytes and changes the loss by a relative -0.05 + 2.5 max(0, x - 0.3),
+    so the controller's reward is ``toy_reward(x)``: 0 at x = 0, best 0.288 at x = 0.32, 0 at x = 0.5
+    (about where an untrained actor, a ~ 0, sits), -0.46 from x = 0.72 on.
     """
     rewards = []
     for _ in range(episodes):
@@ -94,16 +95,22 @@ def toy_run(c: DDPGController, episodes: int, n: int = 20) -> list[float]:
         for k in range(n):
             assert LOW <= t <= HIGH
             x = (1.0 - c.threshold_to_action(t)) / 2.0
-            loss *= 1.0 - 0.135 + 1.5 * x * x
-            sent = round(1e6 * (1.0 - 0.9 * x))
-            t = c.update(IntervalStats(progress=(k + 1) / n, threshold=t, reuse_ratio=0.9 * x, val_loss=loss,
-                                       bytes_sent=sent, bytes_full=10**6))
+            loss *= 1.0 - 0.05 + 2.5 * max(0.0, x - 0.3)
+            saved = 0.9 * min(x, 0.6)
+            t = c.update(IntervalStats(progress=(k + 1) / n, threshold=t, reuse_ratio=saved, val_loss=loss,
+                                       bytes_sent=round(1e6 * (1.0 - saved)), bytes_full=10**6))
             rewards.append(c.last_reward)
     return rewards
 
 
 def toy_reward(x: float) -> float:
-    return 0.9 * x - max(0.0, 1.5 * x * x - 0.135)
+    return 0.9 * min(x, 0.6) - min(1.0, max(0.0, -0.05 + 2.5 * max(0.0, x - 0.3)))
+
+
+def greedy_eval(c: DDPGController) -> float:
+    """Mean reward of one toy run acting greedily (no noise) and without learning."""
+    c.gradient_steps, c.noise_std, c.noise_min = 0, 0.0, 0.0
+    return float(np.mean(toy_run(c, episodes=1)))
 
 
 def test_ddpg_action_mapping_is_log_scaled_and_bounded():
@@ -128,6 +135,16 @@ def test_ddpg_actions_within_bounds_and_rng_untouched():
         assert LOW <= c.greedy_threshold(obs) <= HIGH
     # SB3 samples from the global RNGs: the controller must not disturb the caller's streams
     assert torch.equal(torch.rand(3), expect_t) and np.array_equal(np.random.rand(3), expect_np)
+
+
+def test_ddpg_is_deterministic_per_seed_whatever_the_global_rng():
+    runs = []
+    for g in (1, 2):
+        np.random.seed(g)
+        torch.manual_seed(g)
+        runs.append(toy_run(DDPGController(LOW, HIGH, seed=5, gradient_steps=4), episodes=1, n=10))
+    assert runs[0] == runs[1]
+    assert runs[0] != toy_run(DDPGController(LOW, HIGH, seed=6, gradient_steps=4), episodes=1, n=10)
 
 
 def test_ddpg_exploration_noise_decays():
@@ -157,14 +174,15 @@ def test_ddpg_reward_and_observation():
 
 
 def test_ddpg_learns_toy_optimum():
+    # Deterministic for a seed (private RNG states, one torch thread); 11 of seeds 0-11 pass all of this.
     c = DDPGController(LOW, HIGH, seed=0)
     rewards = toy_run(c, episodes=3)
-    first, last = float(np.mean(rewards[:10])), float(np.mean(rewards[-10:]))
     assert c.agent.replay_buffer.size() == 3 * 19  # one transition per interval but the first of a run
-    assert last > first + 0.05, (first, last)
-    assert last > 0.2, last  # optimum 0.27
-    x = (1.0 - c.greedy_action(OBS)) / 2.0
-    assert toy_reward(x) > 0.2, x
+    first, last = float(np.mean(rewards[:10])), float(np.mean(rewards[-10:]))
+    assert last > first + 0.1, (first, last)
+    trained, untrained = greedy_eval(c), greedy_eval(DDPGController(LOW, HIGH, seed=0))
+    assert trained > 0.2, trained  # at most 0.288 * 19 / 20 (the first interval uses initial())
+    assert trained > untrained + 0.05, (trained, untrained)
 
 
 def test_ddpg_save_load_round_trip(tmp_path):

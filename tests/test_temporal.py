@@ -13,6 +13,7 @@ from splitcom.federation.setup import prepare
 from splitcom.federation.simulation import build_sfl, run
 from splitcom.protocol import serde
 from splitcom.protocol.messages import ControlMsg, LabelsMsg, SampleTensor, Stream, TensorMsg
+from splitcom.runlog import read_metrics
 from splitcom.transport.counters import ByteCounter
 
 
@@ -115,7 +116,7 @@ def test_server_rejects_unknown_reuse_and_keeps_other_clients_state():
     assert isinstance(reply, ControlMsg) and reply.kind == "error"
     assert "sample id 5" in reply.body["message"] and reply.body["field"] == "samples[0].sample_id"
     assert all(torch.equal(v, s.bank.state("c1")[k]) for k, v in before.items())
-    assert 5 not in server.receivers[1]
+    assert 5 not in server.inc[1][Stream.act_up].receiver
     clients[0].train_step(batch, 1)  # the server is still serving
 
 
@@ -147,3 +148,33 @@ def test_skip_reused_gradients_sends_no_gradient(tmp_path):
     a = run(tiny_cfg(**over), tmp_path, progress=False)
     # epoch 2 is all REUSE, so all SKIP: grad_down is about half of act_up's full-epoch bytes
     assert a["bytes_by_stream"]["grad_down"] < 0.51 * (a["bytes_by_stream"]["act_up"] * 2)
+
+
+def test_bangbang_in_a_run_uses_its_two_levels(tmp_path):
+    over = {"compression.temporal.enabled": True, "compression.temporal.controller": "bangbang",
+            "compression.temporal.bangbang.aggressive": 0.9, "compression.temporal.bangbang.conservative": 0.99,
+            "train.epochs": 3}
+    s = run(tiny_cfg(**over), tmp_path, progress=False)
+    assert s["threshold_by_epoch"][0] == 0.9  # starts aggressive
+    assert set(s["threshold_by_epoch"]) <= {0.9, 0.99}
+    events = [e for e in read_metrics(tmp_path / "metrics.jsonl") if e["event"] == "reuse"]
+    assert [e["threshold"] for e in events] == s["threshold_by_epoch"]
+    assert all({"reuse_ratio", "act_up_bytes", "val_loss"} <= set(e) for e in events)
+
+
+def test_ddpg_agent_is_saved_and_warm_starts(tmp_path):
+    over = {"compression.temporal.enabled": True, "compression.temporal.controller": "ddpg",
+            "compression.temporal.ddpg.low": 0.9, "compression.temporal.ddpg.high": 0.999}
+    s = run(tiny_cfg(**over), tmp_path / "a", progress=False)
+    agent = tmp_path / "a" / "ddpg_agent.zip"
+    assert s["ddpg_agent"] == str(agent) and agent.is_file()
+    assert all(0.9 <= t <= 0.999 for t in s["threshold_by_epoch"])
+    warm = run(tiny_cfg(**over, **{"compression.temporal.ddpg.load": str(agent)}), tmp_path / "b", progress=False)
+    assert (tmp_path / "b" / "ddpg_agent.zip").is_file() and len(warm["threshold_by_epoch"]) == 2
+
+
+def test_ddpg_missing_load_path_names_the_key(tmp_path):
+    over = {"compression.temporal.enabled": True, "compression.temporal.controller": "ddpg",
+            "compression.temporal.ddpg.load": str(tmp_path / "nope.zip")}
+    with pytest.raises(UserError, match="compression.temporal.ddpg.load"):
+        run(tiny_cfg(**over), tmp_path / "x", progress=False)

@@ -72,6 +72,13 @@ def score(
         _fail(err)
 
 
+from splitcom.cli_eval import eval_cmd, export_cmd, report_cmd  # noqa: E402
+
+app.command("eval")(eval_cmd)
+app.command("report")(report_cmd)
+app.command("export")(export_cmd)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

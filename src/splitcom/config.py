@@ -43,7 +43,11 @@ class ModelCfg(_Strict):
 
 
 class SplitCfg(_Strict):
+    mode: Literal["standard", "ushape"] = Field(
+        "standard", description="`standard`: the server runs everything after the cut and sees labels; "
+        "`ushape`: the client also runs the last `tail_layers` blocks, the norm, the LM head and the loss.")
     cut_layer: int = Field(2, description="Client runs embeddings + decoder blocks [0, cut_layer).")
+    tail_layers: int = Field(1, ge=1, description="U-shape: blocks [L - tail_layers, L) run on the client.")
 
 
 class PartitionCfg(_Strict):
@@ -80,6 +84,15 @@ class FederationCfg(_Strict):
         description="`per_client`: one adapter set per client over one frozen base; `shared`: one set "
         "for all clients (SplitLoRA-style).",
     )
+    schedule: Literal["round_robin", "fifo", "random", "longest_tail_first", "exact"] = Field(
+        "round_robin", description="Deployment: order in which the server serves pending step requests "
+        "(federation/schedule.py); `round_robin` is simulation's lockstep and the deterministic one.")
+    client_timeout_s: float = Field(
+        60.0, gt=0, description="Deployment: seconds the server waits for a client's next step, upload or "
+        "download before dropping it from the round (it may rejoin for the next round).")
+    min_clients: int = Field(
+        1, ge=1, description="Deployment: fewest clients that must finish a round for it to be aggregated "
+        "(and that must have joined before training starts).")
 
     @field_validator("aggregate_every")
     @classmethod
@@ -109,7 +122,7 @@ class DDPGCfg(_Strict):
     low: float = Field(0.99, gt=0, lt=1, description="Lowest threshold the agent may pick.")
     high: float = Field(0.9999, gt=0, lt=1, description="Highest threshold the agent may pick.")
     loss_weight: float = Field(1.0, ge=0, description="Reward weight of a relative val-loss increase.")
-    noise_std: float = Field(0.3, ge=0, description="Initial exploration noise (action space [-1, 1]).")
+    noise_std: float = Field(0.5, ge=0, description="Initial exploration noise (action space [-1, 1]).")
     load: str | None = Field(None, description="Warm-start from an agent saved by an earlier run.")
 
 
@@ -123,6 +136,8 @@ class TemporalCfg(_Strict):
         "or skip it (no gradient sent down for that sample).")
     store: Literal["memory", "disk"] = Field("memory", description="Where the receiver keeps full tensors.")
     controller: Literal["fixed", "bangbang", "ddpg"] = Field("fixed", description="Threshold control per epoch.")
+    streams: list[Literal["act_up", "grad_down", "act_down", "grad_up"]] = Field(
+        ["act_up"], description="Tensor streams that use temporal reuse (act_down/grad_up exist in U-shape only).")
     bangbang: BangBangCfg = Field(default_factory=BangBangCfg)
     ddpg: DDPGCfg = Field(default_factory=DDPGCfg)
 

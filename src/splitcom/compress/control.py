@@ -200,7 +200,7 @@ class DDPGController(ThresholdController):
     name = "ddpg"
 
     def __init__(self, low: float = 0.99, high: float = 0.9999, *, seed: int = 0, load: str | None = None,
-                 loss_weight: float = 1.0, initial: float | None = None, noise_std: float = 0.3,
+                 loss_weight: float = 1.0, initial: float | None = None, noise_std: float = 0.5,
                  noise_decay: float = 0.95, noise_min: float = 0.02, learning_rate: float = 1e-3,
                  gamma: float = 0.5, tau: float = 0.05, batch_size: int = 32, gradient_steps: int = 32,
                  learning_starts: int = 4, buffer_size: int = 10_000, net_arch: list[int] | tuple[int, ...] = (32, 32)):

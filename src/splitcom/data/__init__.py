@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from splitcom.data import e2e, synthetic
+from splitcom.data import dart, e2e, synthetic, webnlg
 from splitcom.data.records import Example
 from splitcom.errors import UserError
 
@@ -23,6 +23,8 @@ def _e2e(arg: str | None, size: int, seed: int) -> tuple[list[Example], list[Exa
 LOADERS: dict[str, Callable[[str | None, int, int], tuple[list[Example], list[Example]]]] = {
     "synthetic": _synthetic,
     "e2e": _e2e,
+    "webnlg": webnlg.load,
+    "dart": dart.load,
 }
 
 

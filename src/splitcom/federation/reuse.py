@@ -11,11 +11,11 @@ from splitcom.errors import UserError
 
 
 class ReuseControl:
-    def __init__(self, cfg: TemporalCfg, clients: list, hidden: int, epochs: int, seed: int):
+    def __init__(self, cfg: TemporalCfg, clients: list, hidden: int, epochs: int, seed: int, server=None):
         if cfg.enabled and cfg.projection_dim > hidden:
             raise UserError(f"must be <= the hidden size {hidden} (got {cfg.projection_dim})",
                             where="compression.temporal.projection_dim")
-        self.cfg, self.clients, self.epochs = cfg, clients, epochs
+        self.cfg, self.clients, self.epochs, self.server = cfg, clients, epochs, server
         self.controller = None
         if cfg.enabled:
             options = {"fixed": {"threshold": cfg.threshold}, "bangbang": cfg.bangbang.model_dump(),
@@ -28,6 +28,8 @@ class ReuseControl:
     def begin_epoch(self, act_up_bytes: int) -> None:
         for c in self.clients:
             c.threshold = self.threshold
+        if self.server is not None:  # the server sends grad_down (and act_down in U-shape)
+            self.server.set_threshold(self.threshold)
         self._full = sum(c.sent_full for c in self.clients)
         self._reuse = sum(c.sent_reuse for c in self.clients)
         self._saved = sum(c.bytes_saved for c in self.clients)
@@ -53,6 +55,15 @@ class ReuseControl:
         full = sum(c.sent_full for c in self.clients)
         reuse = sum(c.sent_reuse for c in self.clients)
         return reuse / max(full + reuse, 1)
+
+    def by_stream(self) -> dict[str, float]:
+        """Reuse ratio of every tensor stream, whichever side sends it."""
+        counts: dict[str, tuple[int, int]] = dict(self.server.reuse_by_stream()) if self.server else {}
+        for c in self.clients:
+            for stream, end in c.out.items():
+                full, reuse = counts.get(stream.name, (0, 0))
+                counts[stream.name] = (full + end.sent_full, reuse + end.sent_reuse)
+        return {k: r / max(f + r, 1) for k, (f, r) in sorted(counts.items())}
 
     def save(self, out: Path) -> str | None:
         if self.controller is None or self.cfg.controller != "ddpg":

@@ -12,8 +12,7 @@ import threading
 
 import torch
 
-from splitcom.compress.codecs import get_codec
-from splitcom.compress.temporal import TemporalReceiver
+from splitcom.compress.pipeline import stream_ends
 from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
 from splitcom.evaluate.perplexity import evaluate_loss
@@ -26,7 +25,6 @@ from splitcom.protocol.messages import (
     ControlMsg,
     LabelsMsg,
     Message,
-    SampleTensor,
     Stream,
     TensorMsg,
 )
@@ -42,32 +40,46 @@ def client_adapter(cid: int) -> str:
 class SplitServer:
     def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], *, lr: float,
                  weight_decay: float = 0.0, server_adapters: str = "per_client", grad_codec: str = "fp32",
-                 device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None):
+                 device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None,
+                 codec: str = "fp32", tail_layers: int = 0, seed: int = 0):
         self.split, self.bank, self.cuts = split, bank, dict(cuts)
-        # Temporal reuse: per client, the last FULL activation of every sample id.
-        self.reuse = temporal is not None and temporal.enabled
-        self.skip_reused_grad = self.reuse and temporal.reused_grad == "skip"
-        self.receivers = {cid: TemporalReceiver(temporal.store, None if cache_dir is None else
-                                                f"{cache_dir}/client{cid}") for cid in cuts} if self.reuse else {}
-        self.mode, self.grad_codec, self.device = server_adapters, grad_codec, torch.device(device)
+        self.mode, self.device = server_adapters, torch.device(device)
         self.num_layers = split.num_layers
+        self.ushape = tail_layers > 0
+        self.end = self.num_layers - tail_layers  # the server runs blocks [cut_i, end)
+        self.skip_reused_grad = bool(temporal is not None and temporal.enabled and temporal.reused_grad == "skip")
+        sends = [Stream.grad_down] + ([Stream.act_down] if self.ushape else [])
+        receives = [Stream.act_up] + ([Stream.grad_up] if self.ushape else [])
+        # Per client: the stream ends (codec + temporal caches keyed by that client's sample ids).
+        self.out, self.inc = {}, {}
+        for cid in cuts:
+            self.out[cid], self.inc[cid] = stream_ends(
+                temporal, codec, grad_codec, split.hidden_size, seed, sends, receives,
+                None if cache_dir is None else f"{cache_dir}/client{cid}")
         self._lock = threading.Lock()  # the server serves one request at a time
         self.labels: dict[int, dict[int, list[int]]] = {cid: {} for cid in cuts}
+        self.pending: dict[int, tuple] = {}  # U-shape: client -> (h_in, h_out, lengths, sample ids, reused)
         self.uploads: dict[int, AdapterMsg] = {}
         self.global_state: dict[str, torch.Tensor] = bank.state(GLOBAL)
         self.round = 0
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        for cid, cut in self.cuts.items():
+        for cid in self.cuts:
             name = self.body_adapter(cid)
             if name not in bank.names:
                 bank.add_copy(name, GLOBAL)
             if name not in self.optimizers:
-                first = min(self.cuts.values()) if self.mode == "shared" else cut
-                params = bank.parameters(name, range(first, self.num_layers))
+                params = bank.parameters(name, self.server_layers(None if self.mode == "shared" else cid))
                 self.optimizers[name] = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
     def body_adapter(self, cid: int) -> str:
         return SHARED if self.mode == "shared" else client_adapter(cid)
+
+    def server_layers(self, cid: int | None) -> range:
+        """Blocks the server runs for a client (None: for any client, the shared adapter's span)."""
+        return range(min(self.cuts.values()) if cid is None else self.cuts[cid], self.end)
+
+    def client_layers(self, cid: int) -> set[int]:
+        return set(range(self.cuts[cid])) | set(range(self.end, self.num_layers))
 
     # ---- transport entry point -------------------------------------------------------------
     def handle_bytes(self, client_id: int, data: bytes) -> bytes | None:
@@ -87,10 +99,14 @@ class SplitServer:
 
     def handle(self, msg: Message) -> Message | None:
         if isinstance(msg, TensorMsg):
-            if msg.stream != Stream.act_up:
-                raise ProtocolError(f"server does not accept {msg.stream.name} here", field="stream")
-            return self.train_step(msg)
+            if msg.stream == Stream.act_up:
+                return self.forward_step(msg) if self.ushape else self.train_step(msg)
+            if msg.stream == Stream.grad_up and self.ushape:
+                return self.backward_step(msg)
+            raise ProtocolError(f"server does not accept {msg.stream.name} here", field="stream")
         if isinstance(msg, LabelsMsg):
+            if self.ushape:  # U-shape promise: labels never reach the server
+                raise ProtocolError("labels are not accepted in U-shape mode", field="header.type")
             self.labels[msg.client_id].update(msg.labels)
             return None
         if isinstance(msg, AdapterMsg):
@@ -101,16 +117,15 @@ class SplitServer:
             return None
         if msg.kind == "join":
             return ControlMsg(msg.client_id, msg.step, "welcome", {
-                "cut_layer": self.cuts[msg.client_id], "num_layers": self.num_layers,
-                "hidden_size": self.split.hidden_size})
+                "cut_layer": self.cuts[msg.client_id], "tail_start": self.end if self.ushape else None,
+                "num_layers": self.num_layers, "hidden_size": self.split.hidden_size})
         if msg.kind == "pull_adapters":
-            layers = set(range(self.cuts[msg.client_id]))
             return AdapterMsg(Stream.adapters_down, msg.client_id, self.round, 0.0,
-                              split_by_layer(self.global_state, layers))
+                              split_by_layer(self.global_state, self.client_layers(msg.client_id)))
         raise ProtocolError(f"unknown control kind {msg.kind!r}", field="kind")
 
     def _check_upload(self, msg: AdapterMsg) -> None:
-        owned = split_by_layer(self.global_state, set(range(self.cuts[msg.client_id])))
+        owned = split_by_layer(self.global_state, self.client_layers(msg.client_id))
         for name, t in msg.tensors.items():
             if name not in owned:
                 raise ProtocolError(f"client {msg.client_id} does not own {name}", field=f"tensors[{name}]")
@@ -121,30 +136,6 @@ class SplitServer:
                 raise ProtocolError("NaN or Inf", field=f"tensors[{name}]")
 
     # ---- one training step of one client ---------------------------------------------------
-    def _decode_activations(self, msg: TensorMsg) -> list[torch.Tensor]:
-        if msg.hidden != self.split.hidden_size:
-            raise ProtocolError(f"hidden {msg.hidden} != model hidden {self.split.hidden_size}", field="hidden")
-        codec, rows = get_codec(msg.codec), []
-        receiver = self.receivers.get(msg.client_id)
-        for i, s in enumerate(msg.samples):
-            if s.skip:
-                raise ProtocolError(f"SKIP is not valid on act_up (sample id {s.sample_id})", field=f"samples[{i}]")
-            if s.reuse:
-                if receiver is None:
-                    raise ProtocolError(f"REUSE for sample id {s.sample_id}, but temporal reuse is off",
-                                        field=f"samples[{i}]")
-                rows.append(receiver.get(s.sample_id, s.length, field=f"samples[{i}].sample_id"))
-                continue
-            x = codec.decode(s.payload, s.length, msg.hidden)
-            if not torch.isfinite(x).all():
-                raise ProtocolError(f"NaN or Inf in sample id {s.sample_id}", field=f"samples[{i}].payload")
-            rows.append(x)
-        if receiver is not None:  # store only once the whole message is valid: a bad one changes nothing
-            for s, x in zip(msg.samples, rows, strict=True):
-                if not s.reuse:
-                    receiver.put(s.sample_id, x)
-        return rows
-
     def _labels(self, msg: TensorMsg) -> torch.Tensor:
         cache, rows = self.labels[msg.client_id], []
         for i, s in enumerate(msg.samples):
@@ -161,30 +152,82 @@ class SplitServer:
             out[i, : len(r)] = torch.tensor(r)
         return out
 
-    def train_step(self, msg: TensorMsg) -> TensorMsg:
+    def _activations(self, msg: TensorMsg) -> tuple[torch.Tensor, list[int], set[int]]:
         if not msg.samples:
             raise ProtocolError("empty batch", field="samples")
-        cid, cut = msg.client_id, self.cuts[msg.client_id]
-        labels = self._labels(msg).to(self.device)  # validate everything before the cache changes
-        rows = self._decode_activations(msg)
-        lengths = [s.length for s in msg.samples]
+        if any(s.skip for s in msg.samples):
+            raise ProtocolError("SKIP is not valid on act_up", field="samples")
+        rows = self.inc[msg.client_id][Stream.act_up].decode(msg)
+        reused = {s.sample_id for s in msg.samples if s.reuse}
         h = pad(rows).to(self.device).requires_grad_(True)  # [B, T, H] leaf: its grad goes down
+        return h, [s.length for s in msg.samples], reused
+
+    def _grad_down(self, cid: int, step: int, h: torch.Tensor, lengths, sids, reused, loss: float) -> TensorMsg:
+        skip = reused if self.skip_reused_grad else set()
+        return self.out[cid][Stream.grad_down].message(cid, step, sids, unpad(h.grad, lengths), loss, skip)
+
+    def train_step(self, msg: TensorMsg) -> TensorMsg:
+        """Standard mode: body + loss on the server, one round trip."""
+        cid = msg.client_id
+        labels = self._labels(msg).to(self.device)  # validate everything before any cache changes
+        h, lengths, reused = self._activations(msg)
         name = self.body_adapter(cid)
-        self.bank.activate(name, range(cut, self.num_layers))
+        self.bank.activate(name, self.server_layers(cid))
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
-        loss = causal_lm_loss(self.split.body(h, lengths, cut), labels)
+        loss = causal_lm_loss(self.split.body(h, lengths, self.cuts[cid]), labels)
         loss.backward()
         opt.step()
-        codec = get_codec(self.grad_codec)
-        grads = [SampleTensor(s.sample_id, s.length, None, skip=True) if s.reuse and self.skip_reused_grad
-                 else SampleTensor(s.sample_id, s.length, codec.encode(g))
-                 for s, g in zip(msg.samples, unpad(h.grad, lengths), strict=True)]
-        return TensorMsg(Stream.grad_down, cid, msg.step, codec.name, msg.hidden, grads, float(loss.item()))
+        sids = [s.sample_id for s in msg.samples]
+        return self._grad_down(cid, msg.step, h, lengths, sids, reused, float(loss.item()))
+
+    def forward_step(self, msg: TensorMsg) -> TensorMsg:
+        """U-shape, first half: blocks [cut, end) forward; the activations go back down."""
+        cid = msg.client_id
+        h, lengths, reused = self._activations(msg)
+        self.bank.activate(self.body_adapter(cid), self.server_layers(cid))
+        out = self.split.run(h, lengths, self.cuts[cid], self.end)
+        sids = [s.sample_id for s in msg.samples]
+        self.pending[cid] = (h, out, lengths, sids, reused, msg.step)
+        return self.out[cid][Stream.act_down].message(cid, msg.step, sids, unpad(out.detach(), lengths))
+
+    def backward_step(self, msg: TensorMsg) -> TensorMsg:
+        """U-shape, second half: the client's gradient at the tail cut flows back through the body."""
+        cid = msg.client_id
+        if cid not in self.pending:
+            raise ProtocolError("grad_up without a pending forward for this client", field="stream")
+        h, out, lengths, sids, reused, step = self.pending[cid]
+        if msg.step != step:
+            raise ProtocolError(f"grad_up for step {msg.step}, pending step {step}", field="header.step")
+        grads = self.inc[cid][Stream.grad_up].decode(msg, sids)
+        if any(g is None for g in grads):
+            raise ProtocolError("SKIP is not valid on grad_up", field="samples")
+        del self.pending[cid]
+        name = self.body_adapter(cid)
+        self.bank.activate(name, self.server_layers(cid))
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        out.backward(pad(grads, out.shape[1]).to(self.device))
+        opt.step()
+        return self._grad_down(cid, step, h, lengths, sids, reused, msg.scalar)
+
+    def set_threshold(self, value: float) -> None:
+        for ends in self.out.values():
+            for end in ends.values():
+                end.threshold = value
+
+    def reuse_by_stream(self) -> dict[str, tuple[int, int]]:
+        """(FULL, REUSE) sample transfers per stream the server sends."""
+        out: dict[str, tuple[int, int]] = {}
+        for ends in self.out.values():
+            for stream, end in ends.items():
+                full, reuse = out.get(stream.name, (0, 0))
+                out[stream.name] = (full + end.sent_full, reuse + end.sent_reuse)
+        return out
 
     @property
     def cache_bytes(self) -> int:
-        return sum(r.memory_bytes for r in self.receivers.values())
+        return sum(e.cache_bytes for cid in self.cuts for e in [*self.out[cid].values(), *self.inc[cid].values()])
 
     # ---- rounds -----------------------------------------------------------------------------
     def aggregate(self) -> dict[str, torch.Tensor]:
@@ -194,19 +237,18 @@ class SplitServer:
             for cid, up in sorted(self.uploads.items()):
                 state = dict(up.tensors)
                 if self.mode == "per_client":
-                    state.update(self.bank.state(client_adapter(cid), range(self.cuts[cid], self.num_layers)))
+                    state.update(self.bank.state(client_adapter(cid), self.server_layers(cid)))
                 contributions.append((up.weight, state))
             if self.mode == "shared":  # one copy of the server blocks, already trained on everyone
                 total = sum(up.weight for up in self.uploads.values())
-                contributions.append((total, self.bank.state(SHARED, range(min(self.cuts.values()),
-                                                                          self.num_layers))))
+                contributions.append((total, self.bank.state(SHARED, self.server_layers(None))))
             if contributions:
                 merged = fedavg(contributions)
                 self.global_state.update(merged)
                 self.bank.load(GLOBAL, self.global_state)
-                for cid, cut in self.cuts.items():
-                    name = self.body_adapter(cid)
-                    self.bank.load(name, split_by_layer(self.global_state, set(range(cut, self.num_layers))))
+                for cid in self.cuts:
+                    self.bank.load(self.body_adapter(cid),
+                                   split_by_layer(self.global_state, set(self.server_layers(cid))))
             self.uploads.clear()
             self.round += 1
             return self.global_state

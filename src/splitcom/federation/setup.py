@@ -43,10 +43,19 @@ def _subset(items: list, cap: int | None, seed: int) -> list:
     return [items[i] for i in idx]
 
 
-def check_cut(cut: int, num_layers: int) -> None:
+def check_cut(cut: int, num_layers: int, tail_layers: int = 0) -> None:
     if not 1 <= cut <= num_layers - 1:
         raise UserError(f"must be in [1, {num_layers - 1}] for a model with {num_layers} layers (got {cut})",
                         where="split.cut_layer")
+    if tail_layers and cut + tail_layers > num_layers - 1:
+        raise UserError(f"cut_layer {cut} + tail_layers {tail_layers} leave the server no block of the "
+                        f"{num_layers} (the head and tail must not overlap and the server needs at least one)",
+                        where="split.cut_layer, split.tail_layers")
+
+
+def tail_layers(cfg: Config) -> int:
+    """Blocks at the end that the client runs (0 in standard mode)."""
+    return cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
 
 
 def prepare(cfg: Config) -> Setup:
@@ -58,7 +67,7 @@ def prepare(cfg: Config) -> Setup:
     model, tok = load_model(cfg.model.name, cfg.model.cache_dir)
     num_layers = len(SplitModel(model).family.layers(model))
     if cfg.federation.mode == "sfl":
-        check_cut(cfg.split.cut_layer, num_layers)
+        check_cut(cfg.split.cut_layer, num_layers, tail_layers(cfg))
     lora = cfg.model.lora
     peft_model = attach_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules).to(device)
     peft_model.train()

@@ -16,7 +16,7 @@ from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.client import SplitClient
 from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
-from splitcom.federation.setup import Setup, prepare
+from splitcom.federation.setup import Setup, prepare, tail_layers
 from splitcom.models.adapters import GLOBAL
 from splitcom.runlog import RunLog, peak_rss_bytes, write_json
 from splitcom.transport.counters import ByteCounter
@@ -34,10 +34,12 @@ def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None) -> t
     temporal = cfg.compression.temporal
     server = SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          server_adapters=cfg.federation.server_adapters, grad_codec=cfg.compression.grad_codec,
-                         device=s.device, temporal=temporal, cache_dir=cache_dir)
+                         device=s.device, temporal=temporal, cache_dir=cache_dir, codec=cfg.compression.codec,
+                         tail_layers=tail_layers(cfg), seed=cfg.train.seed)
     clients = [SplitClient(cid, s.split, s.bank, cuts[cid], InProcessChannel(cid, server, counter),
                            [s.train[i] for i in s.partitions[cid]], lr=cfg.train.lr,
                            weight_decay=cfg.train.weight_decay, codec=cfg.compression.codec,
+                           grad_codec=cfg.compression.grad_codec, tail_layers=tail_layers(cfg),
                            batch_size=cfg.train.batch_size, pad_id=s.pad_id, seed=cfg.train.seed, device=s.device,
                            temporal=temporal)
                for cid in cuts]
@@ -58,7 +60,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
         for c in workers:
             c.join()
         reuse = ReuseControl(cfg.compression.temporal, workers, s.split.hidden_size, cfg.train.epochs,
-                             cfg.train.seed)
+                             cfg.train.seed, server)
     else:
         workers = [CentralizedTrainer(s.split.model, s.bank, s.train, lr=cfg.train.lr,
                                       weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size,
@@ -128,6 +130,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
         temporal = {
             "reuse_ratio": reuse.reuse_ratio,
             "reuse_ratio_by_epoch": [r["reuse_ratio"] for r in reuse.by_epoch],
+            "reuse_ratio_by_stream": reuse.by_stream(),
             "threshold_by_epoch": [r["threshold"] if cfg.compression.temporal.enabled else None
                                    for r in reuse.by_epoch],
             "client_cache_bytes": sum(c.cache_bytes for c in workers),
@@ -140,7 +143,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
         "num_clients": cfg.federation.num_clients if sfl else 1,
         "epochs": cfg.train.epochs,
         "rounds": rounds,
+        "split_mode": cfg.split.mode if sfl else None,
         "cut_layer": cfg.split.cut_layer if sfl else None,
+        "tail_layers": tail_layers(cfg) if sfl else None,
         "num_layers": s.split.num_layers,
         "hidden_size": s.split.hidden_size,
         "train_samples": len(s.train),
