@@ -48,6 +48,12 @@ class SplitCfg(_Strict):
         "`ushape`: the client also runs the last `tail_layers` blocks, the norm, the LM head and the loss.")
     cut_layer: int = Field(2, description="Client runs embeddings + decoder blocks [0, cut_layer).")
     tail_layers: int = Field(1, ge=1, description="U-shape: blocks [L - tail_layers, L) run on the client.")
+    cut_policy: Literal["fixed", "memory_fit", "adaptive"] = Field(
+        "fixed", description="`fixed`: every client cuts at cut_layer; `memory_fit`: the deepest cut that fits "
+        "each device; `adaptive`: start at cut_layer (within memory), then move cuts between rounds by the "
+        "SplitFT rule.")
+    straggler_factor: float = Field(2.0, ge=1, description="Adaptive cuts: refuse a move that makes a client's "
+                                    "predicted step slower than this times the fleet median.")
 
 
 class PartitionCfg(_Strict):
@@ -79,20 +85,21 @@ class FederationCfg(_Strict):
     aggregate_every: Literal["epoch"] | int = Field(
         "epoch", description="`epoch`, or a number of round-robin steps between FedAvg aggregations."
     )
-    server_adapters: Literal["per_client", "shared"] = Field(
+    server_adapters: Literal["per_client", "shared", "per_client_copies"] = Field(
         "per_client",
         description="`per_client`: one adapter set per client over one frozen base; `shared`: one set "
-        "for all clients (SplitLoRA-style).",
+        "for all clients (SplitLoRA-style); `per_client_copies`: one whole server model copy per client "
+        "(the memory baseline).",
     )
     schedule: Literal["round_robin", "fifo", "random", "longest_tail_first", "exact"] = Field(
-        "round_robin", description="Deployment: order in which the server serves pending step requests "
-        "(federation/schedule.py); `round_robin` is simulation's lockstep and the deterministic one.")
-    client_timeout_s: float = Field(
-        60.0, gt=0, description="Deployment: seconds the server waits for a client's next step, upload or "
-        "download before dropping it from the round (it may rejoin for the next round).")
-    min_clients: int = Field(
-        1, ge=1, description="Deployment: fewest clients that must finish a round for it to be aggregated "
-        "(and that must have joined before training starts).")
+        "round_robin", description="Order in which the server serves pending client requests.")
+    client_timeout_s: float = Field(60.0, gt=0, description="Deployment: how long the server waits for a "
+                                    "client within a round before dropping it from that round.")
+    min_clients: int = Field(1, ge=1, description="Deployment: fewest clients a round may aggregate.")
+    devices: str | list[str | dict] = Field(
+        "local", description="A named fleet (e.g. mixed10, edge3) or a list of device profiles, cycled over "
+        "the clients; drives simulated time and memory_fit cuts.")
+    server_device: str = Field("cpu-2core@loopback", description="Device profile of the server.")
 
     @field_validator("aggregate_every")
     @classmethod

@@ -32,14 +32,21 @@ class SplitClient:
         self.adapter = f"c{cid}"
         if self.adapter not in bank.names:
             bank.add_copy(self.adapter)
-        self.layers = list(range(cut)) + list(range(self.tail_start, split.num_layers) if self.ushape else [])
-        self.optimizer = torch.optim.AdamW(bank.parameters(self.adapter, self.layers), lr=lr,
-                                           weight_decay=weight_decay)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.set_cut(cut)
         sends = [Stream.act_up] + ([Stream.grad_up] if self.ushape else [])
         receives = [Stream.grad_down] + ([Stream.act_down] if self.ushape else [])
         self.out, self.inc = stream_ends(temporal, codec, grad_codec, split.hidden_size, seed, sends, receives)
         self.labels_sent: set[int] = set()  # standard mode: the server caches labels, each goes up once
         self.tokens_forwarded = 0
+
+    def set_cut(self, cut: int) -> None:
+        """(Re)assign the blocks this client runs. At a round boundary every copy equals the global
+        adapter, so a handover is: new optimizer here, then ``pull_adapters`` for the new blocks."""
+        self.cut = cut
+        self.layers = list(range(cut)) + (list(range(self.tail_start, self.split.num_layers)) if self.ushape else [])
+        self.optimizer = torch.optim.AdamW(self.bank.parameters(self.adapter, self.layers), lr=self.lr,
+                                           weight_decay=self.weight_decay)
 
     # kept for the rounds loop: the act_up end is the one the controller steers in standard mode
     @property

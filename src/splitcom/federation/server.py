@@ -7,6 +7,7 @@ it never raises out of ``handle_bytes``, and never touches another client's stat
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 
@@ -62,14 +63,34 @@ class SplitServer:
         self.uploads: dict[int, AdapterMsg] = {}
         self.global_state: dict[str, torch.Tensor] = bank.state(GLOBAL)
         self.round = 0
+        self.lr, self.weight_decay = lr, weight_decay
+        # The model each client's server blocks run on: the one frozen base for everyone, or (the
+        # per_client_copies baseline) a whole copy per client, really allocated so memory can be measured.
+        self.views: dict[int, tuple[SplitModel, AdapterBank]] = {}
+        for cid in self.cuts:
+            view = (split, bank)
+            if self.mode == "per_client_copies":
+                model = copy.deepcopy(bank.model)
+                view = (SplitModel(model), AdapterBank(model))
+            self.views[cid] = view
+            if self.body_adapter(cid) not in view[1].names:
+                view[1].add_copy(self.body_adapter(cid), GLOBAL)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         for cid in self.cuts:
-            name = self.body_adapter(cid)
-            if name not in bank.names:
-                bank.add_copy(name, GLOBAL)
-            if name not in self.optimizers:
-                params = bank.parameters(name, self.server_layers(None if self.mode == "shared" else cid))
-                self.optimizers[name] = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            self._optimizer(cid)
+
+    def _optimizer(self, cid: int) -> None:
+        name = self.body_adapter(cid)
+        params = self.views[cid][1].parameters(name, self.server_layers(None if self.mode == "shared" else cid))
+        self.optimizers[name] = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def set_cut(self, cid: int, cut: int) -> None:
+        """Move a client's cut at a round boundary: blocks the server gains start from the global adapter."""
+        with self._lock:
+            self.cuts[cid] = cut
+            self.views[cid][1].load(self.body_adapter(cid),
+                                    split_by_layer(self.global_state, set(self.server_layers(cid))))
+            self._optimizer(cid)
 
     def body_adapter(self, cid: int) -> str:
         return SHARED if self.mode == "shared" else client_adapter(cid)
@@ -171,11 +192,12 @@ class SplitServer:
         cid = msg.client_id
         labels = self._labels(msg).to(self.device)  # validate everything before any cache changes
         h, lengths, reused = self._activations(msg)
+        split, bank = self.views[cid]
         name = self.body_adapter(cid)
-        self.bank.activate(name, self.server_layers(cid))
+        bank.activate(name, self.server_layers(cid))
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
-        loss = causal_lm_loss(self.split.body(h, lengths, self.cuts[cid]), labels)
+        loss = causal_lm_loss(split.body(h, lengths, self.cuts[cid]), labels)
         loss.backward()
         opt.step()
         sids = [s.sample_id for s in msg.samples]
@@ -185,8 +207,9 @@ class SplitServer:
         """U-shape, first half: blocks [cut, end) forward; the activations go back down."""
         cid = msg.client_id
         h, lengths, reused = self._activations(msg)
-        self.bank.activate(self.body_adapter(cid), self.server_layers(cid))
-        out = self.split.run(h, lengths, self.cuts[cid], self.end)
+        split, bank = self.views[cid]
+        bank.activate(self.body_adapter(cid), self.server_layers(cid))
+        out = split.run(h, lengths, self.cuts[cid], self.end)
         sids = [s.sample_id for s in msg.samples]
         self.pending[cid] = (h, out, lengths, sids, reused, msg.step)
         return self.out[cid][Stream.act_down].message(cid, msg.step, sids, unpad(out.detach(), lengths))
@@ -204,7 +227,7 @@ class SplitServer:
             raise ProtocolError("SKIP is not valid on grad_up", field="samples")
         del self.pending[cid]
         name = self.body_adapter(cid)
-        self.bank.activate(name, self.server_layers(cid))
+        self.views[cid][1].activate(name, self.server_layers(cid))
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         out.backward(pad(grads, out.shape[1]).to(self.device))
@@ -229,6 +252,21 @@ class SplitServer:
     def cache_bytes(self) -> int:
         return sum(e.cache_bytes for cid in self.cuts for e in [*self.out[cid].values(), *self.inc[cid].values()])
 
+    def state_bytes(self) -> dict[str, int]:
+        """Measured server state: parameters and buffers of every model it holds (shared storage
+        counted once), optimizer state, and temporal caches."""
+        seen, params = set(), 0
+        for _, bank in self.views.values():
+            for t in [*bank.model.parameters(), *bank.model.buffers()]:
+                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                if key not in seen:
+                    seen.add(key)
+                    params += key[1]
+        optim = sum(v.numel() * v.element_size() for opt in self.optimizers.values()
+                    for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+        return {"parameters": params, "optimizer": optim, "caches": self.cache_bytes,
+                "total": params + optim + self.cache_bytes}
+
     # ---- rounds -----------------------------------------------------------------------------
     def aggregate(self) -> dict[str, torch.Tensor]:
         """Per-layer FedAvg of this round's uploads with the server-held parts, then redistribute."""
@@ -236,19 +274,20 @@ class SplitServer:
             contributions = []
             for cid, up in sorted(self.uploads.items()):
                 state = dict(up.tensors)
-                if self.mode == "per_client":
-                    state.update(self.bank.state(client_adapter(cid), self.server_layers(cid)))
+                if self.mode != "shared":
+                    state.update(self.views[cid][1].state(client_adapter(cid), self.server_layers(cid)))
                 contributions.append((up.weight, state))
             if self.mode == "shared":  # one copy of the server blocks, already trained on everyone
-                total = sum(up.weight for up in self.uploads.values())
-                contributions.append((total, self.bank.state(SHARED, self.server_layers(None))))
+                for layer in self.server_layers(None):  # weighted by the clients it served at that block
+                    w = sum(up.weight for cid, up in self.uploads.items() if layer in self.server_layers(cid))
+                    contributions.append((w, self.bank.state(SHARED, [layer])))
             if contributions:
                 merged = fedavg(contributions)
                 self.global_state.update(merged)
                 self.bank.load(GLOBAL, self.global_state)
                 for cid in self.cuts:
-                    self.bank.load(self.body_adapter(cid),
-                                   split_by_layer(self.global_state, set(self.server_layers(cid))))
+                    self.views[cid][1].load(self.body_adapter(cid),
+                                            split_by_layer(self.global_state, set(self.server_layers(cid))))
             self.uploads.clear()
             self.round += 1
             return self.global_state

@@ -14,6 +14,7 @@ from splitcom.config import Config, dump_config
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.client import SplitClient
+from splitcom.federation.fleet import Fleet
 from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
 from splitcom.federation.setup import Setup, prepare, tail_layers
@@ -28,9 +29,10 @@ def _progress(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
-def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None) -> tuple[SplitServer, list[SplitClient]]:
+def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
+              cuts: dict[int, int] | None = None) -> tuple[SplitServer, list[SplitClient]]:
     cfg = s.cfg
-    cuts = {cid: cfg.split.cut_layer for cid in range(cfg.federation.num_clients)}
+    cuts = cuts or {cid: cfg.split.cut_layer for cid in range(cfg.federation.num_clients)}
     temporal = cfg.compression.temporal
     server = SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          server_adapters=cfg.federation.server_adapters, grad_codec=cfg.compression.grad_codec,
@@ -55,8 +57,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     log, counter = RunLog(out / "metrics.jsonl"), ByteCounter()
     sfl = cfg.federation.mode == "sfl"
     if sfl:
-        server, workers = build_sfl(s, counter, str(out / "cache") if
-                                    cfg.compression.temporal.store == "disk" else None)
+        fleet = Fleet(s)  # devices, per-client cuts, simulated clock
+        server, workers = build_sfl(s, counter, str(out / "cache") if cfg.compression.temporal.store == "disk"
+                                    else None, dict(enumerate(fleet.cuts)))
         for c in workers:
             c.join()
         reuse = ReuseControl(cfg.compression.temporal, workers, s.split.hidden_size, cfg.train.epochs,
@@ -69,10 +72,11 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     def validate(epoch: int) -> tuple[float, float]:
         loss, ppl = evaluate_loss(s.split, s.bank, s.val, cfg.train.eval_batch_size, s.pad_id, s.device)
         log.write("eval", epoch=epoch, val_loss=loss, val_ppl=ppl, **counter.snapshot(),
-                  wall_s=time.perf_counter() - t0)
+                  wall_s=time.perf_counter() - t0, simulated_s=fleet.clock.now if sfl else None)
         return loss, ppl
 
     rounds = 0
+    round_losses: dict[int, list[float]] = {}
 
     def aggregate(epoch: int) -> None:
         nonlocal rounds
@@ -82,10 +86,25 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
             server.aggregate()
             for c in workers:
                 c.pull_adapters(rounds)
+            moved = []
+            old = list(fleet.cuts)
+            new = fleet.adapt([sum(v) / len(v) if (v := round_losses.get(c.cid)) else float("nan")
+                               for c in workers])
+            for c in workers:  # handover at the round boundary: every copy equals the global adapter now
+                if new[c.cid] != old[c.cid]:
+                    server.set_cut(c.cid, new[c.cid])
+                    c.set_cut(new[c.cid])
+                    c.pull_adapters(rounds)
+                    moved.append(c.cid)
+            traffic = {c.cid: c.channel.take_bytes() for c in workers}
+            fleet.clock.aggregation({k: v[0] for k, v in traffic.items()}, {k: v[1] for k, v in traffic.items()})
+            round_losses.clear()
         rounds += 1
-        log.write("round", round=rounds, epoch=epoch, **counter.snapshot())
+        log.write("round", round=rounds, epoch=epoch, **counter.snapshot(),
+                  **({"cuts": list(fleet.cuts), "simulated_s": fleet.clock.now} if sfl else {}))
 
     init_loss, _ = validate(0)
+    simulated_by_epoch: list[float] = []
     val_losses, train_losses = [], []
     every = cfg.federation.aggregate_every
     plans = [len(w.epoch_batches(1)) for w in workers]
@@ -98,18 +117,24 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
             batches = [w.epoch_batches(epoch) for w in workers]
             losses, since_round = [], 0
             for step in range(max(len(b) for b in batches)):
+                jobs = []
                 for w, plan in zip(workers, batches, strict=True):
                     if step >= len(plan):
                         continue  # this client has fewer samples; it waits for the round
                     loss = w.train_step(plan[step], global_step) if sfl else w.train_step(plan[step])
                     losses.append(loss)
                     cid = getattr(w, "cid", 0)
+                    round_losses.setdefault(cid, []).append(loss)
+                    if sfl:
+                        jobs.append(fleet.job(cid, plan[step], *w.channel.take_bytes()))
                     mb = (counter.up + counter.down) / 1e6
                     bar.update(task, advance=1, description=f"epoch {epoch}/{cfg.train.epochs} client {cid} "
                                f"step {step + 1}/{len(plan)} loss {loss:.3f} sent {mb:.2f} MB")
                     if global_step % cfg.logging.log_every == 0:
                         log.write("step", epoch=epoch, step=step, client=cid, loss=loss,
                                   bytes_up=counter.up, bytes_down=counter.down)
+                if sfl:
+                    fleet.clock.step(jobs)  # clients in parallel, the server one request at a time
                 global_step += 1
                 since_round += 1
                 if isinstance(every, int) and since_round >= every:
@@ -119,6 +144,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
                 aggregate(epoch)
             val_loss, val_ppl = validate(epoch)
             if sfl:
+                simulated_by_epoch.append(fleet.clock.now - sum(simulated_by_epoch))
                 log.write("reuse", **reuse.end_epoch(epoch, val_loss, counter.by_stream().get("act_up", 0)))
             val_losses.append(val_loss)
             train_losses.append(sum(losses) / len(losses))
@@ -135,6 +161,15 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
                                    for r in reuse.by_epoch],
             "client_cache_bytes": sum(c.cache_bytes for c in workers),
             "server_cache_bytes": server.cache_bytes,
+            "server_state_bytes": server.state_bytes()["total"],
+            "server_state": server.state_bytes(),
+            "simulated_s": fleet.clock.now,
+            "simulated_s_by_epoch": simulated_by_epoch,
+            "makespan_per_step_s": sum(fleet.clock.step_makespans) / max(len(fleet.clock.step_makespans), 1),
+            "schedule": cfg.federation.schedule,
+            "devices": [d.name for d in fleet.clock.devices],
+            "cuts": list(fleet.cuts),
+            "cuts_by_round": fleet.history,
             **({"ddpg_agent": agent} if agent else {}),
         }
     summary = {
