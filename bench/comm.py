@@ -16,7 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
-from splitcom.config import build_config
+from splitcom.config import build_config, load_config
 from splitcom.federation.simulation import run
 
 warnings.filterwarnings("ignore")
@@ -36,6 +36,16 @@ ROWS: dict[str, list[str]] = {
     "ddpg": [f"{T}.enabled=true", f"{T}.controller=ddpg", f"{T}.ddpg.low=0.99", f"{T}.ddpg.high=0.9999"],
     "temporal+int8": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8"],
     "temporal+int4": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int4"],
+    # U-shape: labels stay on the device; reductions are against the fp32 U-shape row
+    "ushape": ["split.mode=ushape", "split.tail_layers=2"],
+    "ushape+temporal": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true", f"{T}.threshold=0.999",
+                        f"{T}.streams=[act_up,act_down,grad_up,grad_down]"],
+    "ushape+temporal+int8": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
+                             f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
+                             "compression.codec=int8", "compression.grad_codec=int8"],
+    "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
+                             f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
+                             "compression.codec=int4", "compression.grad_codec=int4"],
 }
 
 
@@ -63,6 +73,7 @@ def main() -> int:
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-comm")
+    ap.add_argument("--resume", action="store_true", help="reuse rows whose run with the same config finished")
     args = ap.parse_args()
     if not (E2E / "trainset.csv").is_file():
         print(f"skipped: E2E data not found at {E2E}")
@@ -72,29 +83,35 @@ def main() -> int:
     for name in args.rows:
         t0 = time.perf_counter()
         cfg = build_config({}, common(args) + ROWS[name])
-        s = run(cfg, args.runs / name, progress=False)
+        done = args.runs / name / "summary.json"
+        if args.resume and done.is_file() and load_config(args.runs / name / "config.yaml") == cfg:
+            s = json.loads(done.read_text())  # the same row already finished: reuse it
+        else:
+            s = run(cfg, args.runs / name, progress=False)
         results[name] = s
         print(f"{name:<16} act_up {s['bytes_by_stream'].get('act_up', 0) / 1e6:9.3f} MB  total "
               f"{(s['bytes_up'] + s['bytes_down']) / 1e6:9.3f} MB  val ppl {s['val_ppl']:8.3f}  reuse "
               f"{s.get('reuse_ratio', 0):.3f}  {time.perf_counter() - t0:6.1f} s", flush=True)
-    (args.out / "comm.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                    "results": results}, indent=1))
-    write_report(results, args)
+        # rewrite after every row: a long benchmark interrupted still leaves its finished rows
+        (args.out / "comm.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                                        "results": results}, indent=1))
+        write_report(results, args)
     return 0
 
 
 def write_report(results: dict, args) -> None:
-    base = results.get("baseline")
     lines = [
         "# Communication benchmark (standard mode)", "",
         f"Model `{args.model}`, E2E train subset of {args.samples} samples, {args.clients} clients, "
         f"`length_dirichlet` (alpha {args.alpha}), {args.epochs} epochs, batch {args.batch_size}, cut layer "
         f"{args.cut}, lr {args.lr}, max length {args.max_length}; validation on {args.eval_samples} E2E dev samples. "
-        "One run per row, same seed. Reductions are against the fp32 baseline row.", "",
+        "One run per row, same seed. Reductions are against the fp32 row of the same mode (`baseline` for "
+        "standard rows, `ushape` for U-shape rows).", "",
         "| row | act_up bytes | act_up reduction | total bytes | total reduction | val ppl | Δppl | reuse ratio | wall s |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, s in results.items():
+        base = results.get("ushape" if name.startswith("ushape") else "baseline")
         act, total = s["bytes_by_stream"].get("act_up", 0), s["bytes_up"] + s["bytes_down"]
         red = f"{100 * (1 - act / base['bytes_by_stream']['act_up']):.2f} %" if base else "-"
         tred = f"{100 * (1 - total / (base['bytes_up'] + base['bytes_down'])):.2f} %" if base else "-"
