@@ -60,7 +60,8 @@ def test_eval_writes_predictions_references_and_scores(tiny_run):
     scores = json.loads((ev / "scores.json").read_text())
     preds = read_hyps(ev / "predictions.txt")
     refs = read_refs(ev / "references.txt")
-    expected = group_inputs(eval_examples(cfg.data.dataset, "dev", cfg.data.synthetic_size, cfg.train.seed), 3)
+    dev = eval_examples(cfg.data.dataset, "dev", cfg.data.synthetic_size, cfg.train.seed)
+    expected = group_inputs(dev, 3)
     assert len(preds) == 3 and scores["n_inputs"] == 3
     assert refs == [i.refs for i in expected]
     assert any(len(r) > 1 for r in refs)  # multi-reference groups survive the file round trip
@@ -81,7 +82,8 @@ def test_greedy_generation_matches_a_manual_argmax_loop(tiny_run):
     _, out = tiny_run
     _, merged, tok = load_merged(out)
     _, peft_model, _ = load_adapted(out)
-    sources = ["name[The Eagle], eatType[pub]", "name[Zizzi], food[French], area[riverside], near[Café Rouge]"]
+    sources = ["name[The Eagle], eatType[pub]",
+               "name[Zizzi], food[French], area[riverside], near[Café Rouge]"]
     settings = GenerationSettings(num_beams=1, no_repeat_ngram_size=0, max_new_tokens=6, batch_size=2)
     got = generate(merged, tok, sources, settings)
     for source, text in zip(sources, got, strict=True):

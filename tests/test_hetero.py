@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import tiny_cfg
+
 from splitcom.errors import UserError
 from splitcom.federation.aggregate import fedavg
 from splitcom.federation.setup import prepare

@@ -13,21 +13,25 @@ from splitcom.errors import UserError
 WEBNLG_DIR = SHARED / "data" / "webnlg2017"
 DART_DIR = SHARED / "data" / "dart"
 requires_webnlg = pytest.mark.skipif(not (WEBNLG_DIR / "dev").is_dir(),
-                                     reason=f"real WebNLG 2017 data not found at {WEBNLG_DIR} (../shared is absent)")
+                                     reason=f"real WebNLG data not at {WEBNLG_DIR} (../shared is absent)")
 requires_dart = pytest.mark.skipif(not (DART_DIR / "dart-v1.1.1-full-dev.json").is_file(),
                                    reason=f"real DART data not found at {DART_DIR} (../shared is absent)")
 
 TRAIN_1 = """<?xml version="1.0" ?>
 <benchmark><entries>
   <entry category="Airport" eid="Id1" size="1">
-    <originaltripleset><otriple>Aarhus_Airport | cityServed | "Aarhus, Denmark"@en</otriple></originaltripleset>
+    <originaltripleset>
+      <otriple>Aarhus_Airport | cityServed | "Aarhus, Denmark"@en</otriple>
+    </originaltripleset>
     <modifiedtripleset><mtriple>Aarhus_Airport | cityServed | "Aarhus, Denmark"</mtriple></modifiedtripleset>
     <lex comment="good" lid="Id1">The Aarhus is the airport of Aarhus, Denmark.</lex>
     <lex comment="good" lid="Id2">Aarhus Airport serves the city of
         Aarhus, Denmark.</lex>
   </entry>
   <entry category="Airport" eid="Id2" size="1">
-    <modifiedtripleset><mtriple>Aarhus_Airport | elevationAboveTheSeaLevel_(in_metres) | 25.0</mtriple></modifiedtripleset>
+    <modifiedtripleset>
+      <mtriple>Aarhus_Airport | elevationAboveTheSeaLevel_(in_metres) | 25.0</mtriple>
+    </modifiedtripleset>
     <lex comment="good" lid="Id1">Aarhus Airport is 25 metres above sea level.</lex>
   </entry>
 </entries></benchmark>
@@ -113,15 +117,16 @@ def test_webnlg_missing_split_and_duplicate_entries(webnlg_dir, tmp_path):
         load_dataset("webnlg")
 
 
+MARS = [["Mars Hill College", "JOINED", "1973"], ["Mars Hill College", "LOCATION", "Mars Hill,  NC"]]
 DART_DEV = [
-    {"tripleset": [["Mars Hill College", "JOINED", "1973"], ["Mars Hill College", "LOCATION", "Mars Hill,  NC"]],
+    {"tripleset": MARS,
      "subtree_was_extended": True,
      "annotations": [{"source": "WikiSQL_decl_sents", "text": "A school from Mars Hill, NC, joined in 1973."},
                      {"source": "WikiSQL_decl_sents", "text": "Mars Hill College joined in 1973."}]},
     {"tripleset": [["[TABLECONTEXT]", "[TITLE]", "Eagles"]], "subtree_was_extended": False,
      "annotations": [{"source": "e2e", "text": "Eagles."}]},
     # Same triple set as the first entry: a separate input all the same (its own group).
-    {"tripleset": [["Mars Hill College", "JOINED", "1973"], ["Mars Hill College", "LOCATION", "Mars Hill,  NC"]],
+    {"tripleset": MARS,
      "annotations": [{"source": "webnlg", "text": "It joined in 1973."}]},
 ]
 

@@ -24,23 +24,26 @@ def _fail(err: UserError) -> None:
 
 
 def _quiet() -> None:
-    # transformers/peft deprecation notices are not the user's business here.
+    """transformers/peft deprecation notices and weight-loading bars are not the user's business here."""
+    from transformers.utils import logging as hf_logging
+
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    hf_logging.disable_progress_bar()
 
 
 def eval_cmd(
     out: Annotated[Path, typer.Argument(help="Run directory (config.yaml, adapter/).")],
-    split: Annotated[str, typer.Option("--split", help="`dev` (the validation examples) or `train`.")] = "dev",
+    split: Annotated[str, typer.Option("--split", help="`dev` (validation examples) or `train`.")] = "dev",
     max_samples: Annotated[int | None, typer.Option("--max-samples", help="Cap on distinct inputs.")] = None,
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="Evaluate on another dataset spec (e.g. dart:DIR); default: the run's.")] = None,
     beams: Annotated[int, typer.Option("--beams", help="Beam width.")] = 10,
     length_penalty: Annotated[float, typer.Option("--length-penalty", help="Beam length penalty.")] = 0.8,
-    no_repeat_ngram: Annotated[int, typer.Option("--no-repeat-ngram", help="Block repeated n-grams (0: off).")] = 4,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most tokens generated per input.")] = 64,
+    no_repeat_ngram: Annotated[int, typer.Option("--no-repeat-ngram", help="n-gram size (0: off).")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens per input.")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Inputs per generate call.")] = 8,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or auto; default: the run's.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, auto (default: run's).")] = None,
     java: Annotated[bool, typer.Option(help="Use Java for METEOR and the PTB tokeniser.")] = True,
 ) -> None:
     """Generate with the merged adapter (beam search) and score with the E2E metrics: OUT/eval/."""
@@ -82,7 +85,7 @@ def report_cmd(
 def export_cmd(
     out: Annotated[Path, typer.Argument(help="Run directory.")],
     dest: Annotated[Path, typer.Argument(help="Destination directory (a PEFT adapter directory).")],
-    merged: Annotated[bool, typer.Option("--merged", help="Also save the merged model in DEST/merged/.")] = False,
+    merged: Annotated[bool, typer.Option("--merged", help="Also write DEST/merged/ (merged model).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty DEST.")] = False,
 ) -> None:
     """The aggregated adapter as a PEFT directory (PeftModel.from_pretrained), optionally merged."""

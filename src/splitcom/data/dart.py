@@ -38,7 +38,8 @@ def find_file(directory: str | Path, split: str) -> Path:
             hint = ("; this folder has no DART train split, and training on the dev split is not allowed "
                     "(validation would score the training data): use DART for evaluation only, "
                     "e.g. `splitcom eval OUT --dataset dart:DIR`")
-        raise UserError(f"DART {split} file not found (expected dart-*-full-{split}.json){hint}", where=str(d))
+        raise UserError(f"DART {split} file not found (expected dart-*-full-{split}.json){hint}",
+                        where=str(d))
     if len(matches) > 1:
         names = ", ".join(m.name for m in matches)
         raise UserError(f"several DART {split} files ({names}); keep one version per folder", where=str(d))
@@ -46,7 +47,8 @@ def find_file(directory: str | Path, split: str) -> Path:
 
 
 def _triple(item: object, where: str) -> tuple[str, str, str]:
-    if not (isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) and x.strip() for x in item)):
+    ok = isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) and x.strip() for x in item)
+    if not ok:
         raise UserError(f"triple {item!r} is not [subject, property, object] strings", where=where)
     return item[0], item[1], item[2]
 

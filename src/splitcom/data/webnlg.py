@@ -67,7 +67,8 @@ def parse_file(path: Path) -> list[Example]:
         size = entry.get("size") or str(len(triples))
         texts = [t for t in (_lex_text(lex) for lex in entry.findall("lex")) if t]
         if not texts:
-            raise UserError("entry has no <lex> reference text (a test file without references?)", where=where)
+            raise UserError("entry has no <lex> reference text (a test file without references?)",
+                            where=where)
         prompt = linearise(triples)
         group = f"{category}/{size}/{eid}"
         attrs = {"category": category, "size": size, "eid": eid}

@@ -5,6 +5,11 @@ adapter in ``OUT/adapter`` is loaded with PEFT and merged (``merge_and_unload``)
 at the base model's speed. Outputs are generated once per *distinct input* (one ``group``), with
 beam search, and scored against all the references of that input, as the E2E challenge does.
 
+The inputs are those of the whole split (``--split dev``: the validation examples), not the
+``data.max_eval_samples`` subset the run validated on: a random subset of *examples* would cut
+reference groups apart. ``--max-samples N`` keeps the first N distinct inputs in file order, and
+``--dataset SPEC`` evaluates on another dataset's split (``dart:DIR`` needs only its dev file).
+
 Files written to ``OUT/eval/``: ``predictions.txt`` (one output per line), ``references.txt`` (the
 references of each input on consecutive lines, a blank line between inputs: the format of
 ``splitcom score`` and the E2E script), ``inputs.txt`` (the linearised input of each line) and

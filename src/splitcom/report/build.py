@@ -16,7 +16,7 @@ ABSENT = {  # why a figure can be missing
     "bytes_per_stream": "No run has bytes counted after an epoch.",
     "bytes_vs_ppl": "No run has a validation after an epoch.",
     "reuse": "No run logged temporal reuse (centralized runs have none).",
-    "sim_time": "No run has a simulated time (the runs did not use the device time model).",
+    "sim_time": "No run has a simulated time (centralized runs have none).",
 }
 
 

@@ -1,10 +1,10 @@
 """PNG figures comparing runs, drawn from their ``metrics.jsonl`` events.
 
 One builder per figure, each ``runs -> Figure or None`` (None: no run has the data), kept in
-``FIGURES`` in page order; ``draw_all`` saves them. Each run has one colour in every figure; the legend names runs by
-directory. Byte axes use decimal units (1 MB = 10^6 B, as the CLI prints) and switch to a log scale
-when the values span more than ``LOG_SPAN``; zeros cannot sit on a log axis and are left out there.
-Uses matplotlib's object API (no pyplot), so no display or global state is involved.
+``FIGURES`` in page order; ``draw_all`` saves them. Each run has one colour in every figure; the
+legend names runs by directory. Byte axes use decimal units (1 MB = 10^6 B, as the CLI prints)
+and switch to a log scale when the values span more than ``LOG_SPAN``; zeros cannot sit on a log
+axis and are left out there. Uses matplotlib's object API (no pyplot): no display, no global state.
 """
 
 from __future__ import annotations
@@ -147,20 +147,19 @@ def bytes_vs_ppl(runs: list[RunData]) -> Figure | None:
     log_y = _use_log(ys)
     if log_y:
         ax.set_yscale("log")
-    # The untrained perplexity is usually far above the rest; a note keeps it off the axis range.
+    # The untrained perplexity is usually far above the rest: a legend entry keeps it off the axis range.
     initial = {r.label: init for r, (_, init) in zip(runs, series, strict=True) if init}
-    if initial:
-        values = set(initial.values())
-        note = (f"before training: {values.pop():.2f}" if len(values) == 1 else
-                "before training:\n" + "\n".join(f"{k}: {v:.2f}" for k, v in list(initial.items())[:8]))
-        ax.text(0.98, 0.97, note, transform=ax.transAxes, ha="right", va="top", fontsize=8,
-                bbox={"boxstyle": "round", "fc": "white", "ec": "#ccc"})
+    values = set(initial.values())
+    if len(values) == 1:
+        notes = [f"before training: {values.pop():.2f}"]
+    else:
+        notes = [f"{k} before training: {v:.2f}" for k, v in initial.items()]
     ax.xaxis.set_major_formatter(EngFormatter(unit="B"))
     ax.set_xlabel("cumulative bytes sent, up + down")
     ax.set_ylabel("validation perplexity" + (" (log)" if log_y else ""))
     ax.set_title("Validation perplexity against bytes sent (numbers: epoch)", fontsize=11)
     _style(ax)
-    _legend(fig, list(enumerate(runs)))
+    _legend(fig, list(enumerate(runs)), [(n, {"ls": "none"}) for n in notes])
     return fig
 
 

@@ -15,8 +15,7 @@ import yaml
 
 from splitcom.errors import UserError
 
-# Keys a time model may log on ``eval`` events for the simulated (deployment) clock, in seconds.
-SIM_TIME_KEYS = ("sim_time_s", "simulated_time_s", "sim_wall_s")
+SIM_TIME_KEY = "simulated_s"  # the device/link time model's clock on ``eval`` events (None: centralized)
 
 
 @dataclass
@@ -42,12 +41,8 @@ class RunData:
 
     def sim_times(self) -> list[tuple[int, float]]:
         """(epoch, simulated seconds so far) for eval events that carry a simulated clock."""
-        out = []
-        for e in self.evals:
-            key = next((k for k in SIM_TIME_KEYS if isinstance(e.get(k), int | float)), None)
-            if key is not None:
-                out.append((int(e.get("epoch", 0)), float(e[key])))
-        return out
+        return [(int(e.get("epoch", 0)), float(e[SIM_TIME_KEY])) for e in self.evals
+                if isinstance(e.get(SIM_TIME_KEY), int | float)]
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -72,7 +67,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_events(path: Path) -> list[dict]:
-    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     events = []
     for i, (lineno, line) in enumerate(lines):
         try:

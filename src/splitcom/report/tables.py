@@ -70,6 +70,25 @@ def _val_loss(run: RunData) -> str:
     return f"{initial:.4f} → {final:.4f}" if initial is not None else f"{final:.4f}"
 
 
+def fmt_seconds(x: float | None) -> str:
+    if x is None:
+        return DASH
+    return f"{x * 1e3:.3g} ms" if 0 < abs(x) < 1 else f"{x:.4g} s"
+
+
+def _sim_time(r: RunData) -> float | None:
+    if isinstance(r.summary.get("simulated_s"), int | float):
+        return float(r.summary["simulated_s"])
+    times = r.sim_times()
+    return times[-1][1] if times else None
+
+
+def _codecs(r: RunData) -> str | None:
+    if "compression.codec" not in r.config:
+        return None
+    return f"{r.config['compression.codec']} / {r.config.get('compression.grad_codec')}"
+
+
 def _with_ratio(get: Callable[[RunData], float | None], fmt: Callable[[float | None], str]):
     def cells(runs: list[RunData]) -> list[str]:
         base = get(runs[0])
@@ -91,8 +110,7 @@ def headline(runs: list[RunData]) -> list[Row]:
         ("clients", _plain(lambda r: _get(r, "num_clients"))),
         ("epochs", _plain(lambda r: _get(r, "epochs") or (_last_eval(r).get("epoch") or None))),
         ("cut layer", _plain(lambda r: _get(r, "cut_layer"))),
-        ("codec (act / grad)", _plain(lambda r: None if "compression.codec" not in r.config else
-                                      f"{r.config['compression.codec']} / {r.config.get('compression.grad_codec')}")),
+        ("codec (act / grad)", _plain(_codecs)),
         ("temporal reuse", _plain(lambda r: "on" if r.reuse_enabled else "off")),
         ("val loss (initial → final)", lambda rs: [_val_loss(r) for r in rs]),
         ("val perplexity", _with_ratio(lambda r: _get(r, "val_ppl"), lambda x: fmt_num(x, 2))),
@@ -109,8 +127,7 @@ def headline(runs: list[RunData]) -> list[Row]:
                             else fmt_bytes(r.summary["peak_rss_bytes"]))),
     ]
     if any(r.sim_times() for r in runs):
-        rows.append(("simulated time", _with_ratio(lambda r: r.sim_times()[-1][1] if r.sim_times() else None,
-                                                   lambda x: DASH if x is None else f"{x:.1f} s")))
+        rows.append(("simulated time", _with_ratio(_sim_time, fmt_seconds)))
     if any(r.scores for r in runs):
         rows.append(("eval inputs (split)", _plain(lambda r: None if not r.scores else
                                                    f"{r.scores.get('n_inputs')} ({r.scores.get('split')})")))
