@@ -68,7 +68,8 @@ class PartitionCfg(_Strict):
 
 class DataCfg(_Strict):
     dataset: str = Field(
-        "synthetic", description="`synthetic`, or `e2e:DIR` (DIR holds trainset.csv and devset.csv)."
+        "synthetic", description="`synthetic`, `e2e:DIR` (DIR holds trainset.csv and devset.csv), `webnlg:DIR` "
+        "(WebNLG 2017 train/ and dev/ XML), or `dart:DIR` (dev only, for evaluation)."
     )
     max_train_samples: int | None = Field(300, ge=1, description="Cap on training examples (None: all).")
     max_eval_samples: int | None = Field(64, ge=1, description="Cap on validation examples (None: all).")
