@@ -98,3 +98,14 @@ def test_centralized_mode_runs(tmp_path):
 def test_aggregate_every_steps(tmp_path):
     summary = run(tiny_cfg(**{"federation.aggregate_every": 1, "train.epochs": 1}), tmp_path, progress=False)
     assert summary["rounds"] == 2  # 16 samples per client, batch 8: two steps, one round each
+
+
+def test_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tiny_cfg(**{"logging.tensorboard": True, "train.epochs": 1}), tmp_path, progress=False)
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"eval/val_loss", "step/loss", "eval/bytes_by_stream/act_up"} <= set(tags)
+    assert [e.step for e in acc.Scalars("eval/val_loss")] == [0, 1]

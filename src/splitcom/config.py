@@ -163,6 +163,7 @@ class CompressionCfg(_Strict):
 class LoggingCfg(_Strict):
     progress: bool = Field(True, description="Show a live progress display.")
     log_every: int = Field(1, ge=1, description="Write a `step` record to metrics.jsonl every N steps.")
+    tensorboard: bool = Field(False, description="Also write the metrics as TensorBoard scalars to OUT/tensorboard.")
 
 
 class Config(_Strict):

@@ -9,16 +9,41 @@ from pathlib import Path
 
 
 class RunLog:
-    def __init__(self, path: Path, append: bool = False):
+    """metrics.jsonl writer; with ``tensorboard`` set, the same numbers also go to TensorBoard scalars
+    (``event/field``, stepped by epoch, or by the running step count for ``step`` events)."""
+
+    def __init__(self, path: Path, append: bool = False, tensorboard: Path | None = None):
         self.path = path
         self._fh = path.open("a" if append else "w", encoding="utf-8")
+        self._tb, self._steps = None, 0
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from splitcom.errors import UserError
+
+                raise UserError("needs the tensorboard package (pip install tensorboard)",
+                                where="logging.tensorboard") from None
+            self._tb = SummaryWriter(str(tensorboard))
 
     def write(self, event: str, **fields) -> None:
         self._fh.write(json.dumps({"event": event, **fields}) + "\n")
         self._fh.flush()
+        if self._tb is not None:
+            self._steps += event == "step"
+            step = self._steps if event == "step" else int(fields.get("epoch", fields.get("round", 0)) or 0)
+            for key, value in fields.items():
+                if isinstance(value, dict):
+                    for sub, v in value.items():
+                        if isinstance(v, int | float):
+                            self._tb.add_scalar(f"{event}/{key}/{sub}", v, step)
+                elif isinstance(value, int | float) and not isinstance(value, bool) and key not in ("epoch", "step"):
+                    self._tb.add_scalar(f"{event}/{key}", value, step)
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -54,7 +54,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
     (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     t0 = time.perf_counter()
     s = prepare(cfg)
-    log, counter = RunLog(out / "metrics.jsonl"), ByteCounter()
+    log = RunLog(out / "metrics.jsonl", tensorboard=out / "tensorboard" if cfg.logging.tensorboard else None)
+    counter = ByteCounter()
     sfl = cfg.federation.mode == "sfl"
     if sfl:
         fleet = Fleet(s)  # devices, per-client cuts, simulated clock
