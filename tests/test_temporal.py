@@ -178,3 +178,17 @@ def test_ddpg_missing_load_path_names_the_key(tmp_path):
             "compression.temporal.ddpg.load": str(tmp_path / "nope.zip")}
     with pytest.raises(UserError, match="compression.temporal.ddpg.load"):
         run(tiny_cfg(**over), tmp_path / "x", progress=False)
+
+
+def test_server_rejects_false_weight_and_partial_upload():
+    from splitcom.protocol.messages import AdapterMsg
+
+    s = prepare(tiny_cfg(**{"federation.num_clients": 2}))
+    server, clients = build_sfl(s, ByteCounter(), cuts={0: 2, 1: 2})
+    server.weights = {0: 24.0, 1: 24.0}
+    state = s.bank.state("c0", range(2))
+    for weight, tensors, field in [(1e9, state, "weight"), (24.0, dict(list(state.items())[:1]), "tensors")]:
+        reply = serde.decode(server.handle_bytes(0, serde.encode(AdapterMsg(Stream.adapters_up, 0, 0, weight,
+                                                                            tensors))))
+        assert reply.kind == "error" and reply.body["field"] == field
+    assert server.uploads == {}

@@ -42,9 +42,13 @@ class SplitServer:
     def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], *, lr: float,
                  weight_decay: float = 0.0, server_adapters: str = "per_client", grad_codec: str = "fp32",
                  device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None,
-                 codec: str = "fp32", tail_layers: int = 0, seed: int = 0):
+                 codec: str = "fp32", tail_layers: int = 0, seed: int = 0,
+                 weights: dict[int, float] | None = None):
         self.split, self.bank, self.cuts = split, bank, dict(cuts)
         self.mode, self.device = server_adapters, torch.device(device)
+        # FedAvg weights the server knows (sample counts); a client's claim must match, or one client
+        # could dominate the average by claiming a huge weight.
+        self.weights = dict(weights) if weights is not None else None
         self.num_layers = split.num_layers
         self.ushape = tail_layers > 0
         self.end = self.num_layers - tail_layers  # the server runs blocks [cut_i, end)
@@ -147,6 +151,15 @@ class SplitServer:
 
     def _check_upload(self, msg: AdapterMsg) -> None:
         owned = split_by_layer(self.global_state, self.client_layers(msg.client_id))
+        if self.weights is not None and msg.weight != self.weights[msg.client_id]:
+            raise ProtocolError(f"weight {msg.weight} is not client {msg.client_id}'s "
+                                f"{self.weights[msg.client_id]} samples", field="weight")
+        if msg.weight <= 0:
+            raise ProtocolError(f"weight {msg.weight} must be positive", field="weight")
+        missing = sorted(set(owned) - set(msg.tensors))
+        if missing:
+            raise ProtocolError(f"upload lacks {len(missing)} of the client's matrices, e.g. {missing[0]}",
+                                field="tensors")
         for name, t in msg.tensors.items():
             if name not in owned:
                 raise ProtocolError(f"client {msg.client_id} does not own {name}", field=f"tensors[{name}]")

@@ -37,7 +37,8 @@ def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
     server = SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                          server_adapters=cfg.federation.server_adapters, grad_codec=cfg.compression.grad_codec,
                          device=s.device, temporal=temporal, cache_dir=cache_dir, codec=cfg.compression.codec,
-                         tail_layers=tail_layers(cfg), seed=cfg.train.seed)
+                         tail_layers=tail_layers(cfg), seed=cfg.train.seed,
+                         weights={cid: float(len(s.partitions[cid])) for cid in cuts})
     clients = [SplitClient(cid, s.split, s.bank, cuts[cid], InProcessChannel(cid, server, counter),
                            [s.train[i] for i in s.partitions[cid]], lr=cfg.train.lr,
                            weight_decay=cfg.train.weight_decay, codec=cfg.compression.codec,
