@@ -192,3 +192,20 @@ def test_server_rejects_false_weight_and_partial_upload():
                                                                             tensors))))
         assert reply.kind == "error" and reply.body["field"] == field
     assert server.uploads == {}
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_lossy_codec_error_is_not_taken_for_drift(codec):
+    """An unchanged tensor must be reusable under a lossy codec (summary of the source); comparing with
+    the decoded copy instead counts the quantisation error as drift and never reuses at 0.9999."""
+    from splitcom.compress.pipeline import Outgoing
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 64) * torch.linspace(0.1, 10, 64)  # uneven channels, as LLM activations have
+    src = Outgoing(Stream.act_up, codec, 64, reuse=True, threshold=0.9999, summary_of="source")
+    dec = Outgoing(Stream.act_up, codec, 64, reuse=True, threshold=0.9999, summary_of="decoded")
+    for end in (src, dec):
+        assert not end.encode(3, x).reuse  # first sight
+    assert src.encode(3, x * 1.00001).reuse
+    if codec == "int4":  # int8's error is small enough that the decoded comparison still passes 0.9999
+        assert not dec.encode(3, x * 1.00001).reuse

@@ -143,6 +143,9 @@ class TemporalCfg(_Strict):
         "apply", description="For a REUSEd activation: apply the gradient computed on the cached tensor, "
         "or skip it (no gradient sent down for that sample).")
     store: Literal["memory", "disk"] = Field("memory", description="Where the receiver keeps full tensors.")
+    summary_of: Literal["source", "decoded"] = Field(
+        "source", description="Summarise the tensor before the codec (`source`: a lossy codec's error is not "
+        "mistaken for drift) or the decoded tensor the receiver holds (`decoded`, DESIGN 4.3).")
     controller: Literal["fixed", "bangbang", "ddpg"] = Field("fixed", description="Threshold control per epoch.")
     streams: list[Literal["act_up", "grad_down", "act_down", "grad_up"]] = Field(
         ["act_up"], description="Tensor streams that use temporal reuse (act_down/grad_up exist in U-shape only).")

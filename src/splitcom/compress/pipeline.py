@@ -18,10 +18,14 @@ from splitcom.protocol.messages import SampleTensor, Stream, TensorMsg
 
 class Outgoing:
     def __init__(self, stream: Stream, codec: str, hidden: int, *, reuse: bool = False, projection_dim: int = 16,
-                 seed: int = 0, max_reuse_streak: int | None = None, threshold: float = 1.0):
+                 seed: int = 0, max_reuse_streak: int | None = None, threshold: float = 1.0,
+                 summary_of: str = "source"):
         self.stream, self.codec, self.hidden = stream, get_codec(codec), hidden
         self.sender = TemporalSender(hidden, projection_dim, seed, stream.name, max_reuse_streak) if reuse else None
         self.threshold = threshold
+        # `source`: summarise the tensor before the codec, so a lossy codec's own error is not taken for
+        # drift (it is there whether or not we resend); `decoded`: summarise what the receiver holds.
+        self.summary_of = summary_of
         self.sent_full = self.sent_reuse = 0
         self.bytes_saved = 0  # payload bytes not sent thanks to REUSE
 
@@ -33,8 +37,9 @@ class Outgoing:
             self.bytes_saved += self.codec.nbytes(n, self.hidden)
             return SampleTensor(sample_id, n, None)
         payload = self.codec.encode(row)
-        if self.sender is not None:  # remember what the receiver will hold: the decoded tensor
-            self.sender.mark_sent(sample_id, self.codec.decode(payload, n, self.hidden))
+        if self.sender is not None:
+            self.sender.mark_sent(sample_id, row if self.summary_of == "source"
+                                  else self.codec.decode(payload, n, self.hidden))
         self.sent_full += 1
         return SampleTensor(sample_id, n, payload)
 
@@ -100,7 +105,8 @@ def stream_ends(temporal, codec: str, grad_codec: str, hidden: int, seed: int, s
     out = {s: Outgoing(s, codec if s.name.startswith("act") else grad_codec, hidden, reuse=s.name in on,
                        projection_dim=temporal.projection_dim if temporal else 16, seed=seed,
                        max_reuse_streak=temporal.max_reuse_streak if temporal else None,
-                       threshold=temporal.threshold if temporal else 1.0) for s in sends}
+                       threshold=temporal.threshold if temporal else 1.0,
+                       summary_of=temporal.summary_of if temporal else "source") for s in sends}
     inc = {s: Incoming(s, hidden, reuse=s.name in on, store=temporal.store if temporal else "memory",
                        directory=None if cache_dir is None else f"{cache_dir}/{s.name}") for s in receives}
     return out, inc

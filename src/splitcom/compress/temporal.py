@@ -5,8 +5,10 @@ sample id, a summary ``S = X @ R`` of the tensor the receiver holds (``R``: ``H 
 projection, scale ``1/sqrt(r)``, rebuilt from the seed and the stream name on any side). For a new
 ``X`` it compares ``cos(vec(X @ R), vec(S))`` with the threshold: at or above it, it sends REUSE and
 the receiver substitutes its stored copy; below it (or at the first sight, or after
-``max_reuse_streak`` reuses in a row, or when the length changed) it sends FULL and stores the
-summary of the *decoded* tensor, which is exactly what the receiver now holds.
+``max_reuse_streak`` reuses in a row, or when the length changed) it sends FULL and stores a
+summary: by default of the tensor before the codec (``summary_of=source``), because comparing a fresh
+tensor with a *decoded* lossy copy counts the codec's own error as drift and, with int4, never reuses
+at all; ``summary_of=decoded`` keeps DESIGN 4.3's rule (exactly what the receiver holds).
 
 Memory per sample: sender ``T_i x r`` floats, receiver ``T_i x H`` (in memory, or on disk).
 """
@@ -68,9 +70,9 @@ class TemporalSender:
     def mark_reused(self, sample_id: int) -> None:
         self.streak[sample_id] = self.streak.get(sample_id, 0) + 1
 
-    def mark_sent(self, sample_id: int, decoded: torch.Tensor) -> None:
-        """Record what the receiver now holds (the decoded tensor, after any lossy codec)."""
-        self.summaries[sample_id] = self.summary(decoded)
+    def mark_sent(self, sample_id: int, reference: torch.Tensor) -> None:
+        """Record the reference the next tensor is compared with (see ``summary_of``)."""
+        self.summaries[sample_id] = self.summary(reference)
         self.streak[sample_id] = 0
 
     @property
