@@ -3,7 +3,7 @@ setting, each row a full simulated SFL run with the same model, data, partition 
 
     .venv/bin/python bench/comm.py [--samples 80] [--epochs 6] [--clients 10] [--rows baseline int8 ...]
 
-Writes bench/results/comm.md (the table) and bench/results/comm.png (act_up bytes against val ppl).
+Writes bench/results/comm.md (the table) and bench/results/comm.png (bytes against val ppl).
 Skips with a message where ../shared/data/e2e is absent.
 """
 
@@ -99,47 +99,91 @@ def main() -> int:
     return 0
 
 
+SPLIT_STREAMS = ("act_up", "grad_down", "act_down", "grad_up", "labels_up")
+
+
+def split_bytes(s: dict) -> int:
+    """Bytes of the per-step split traffic (activations, gradients, labels): everything but the
+    once-per-round adapter exchange, which no activation compression touches."""
+    return sum(s["bytes_by_stream"].get(k, 0) for k in SPLIT_STREAMS)
+
+
+def _reduction(value: float, base: float) -> str:
+    return f"{100 * (1 - value / base):.2f} %" if base else "-"
+
+
 def write_report(results: dict, args) -> None:
     lines = [
-        "# Communication benchmark (standard mode)", "",
+        "# Communication benchmark", "",
         f"Model `{args.model}`, E2E train subset of {args.samples} samples, {args.clients} clients, "
         f"`length_dirichlet` (alpha {args.alpha}), {args.epochs} epochs, batch {args.batch_size}, cut layer "
         f"{args.cut}, lr {args.lr}, max length {args.max_length}; validation on {args.eval_samples} E2E dev samples. "
         "One run per row, same seed. Reductions are against the fp32 row of the same mode (`baseline` for "
-        "standard rows, `ushape` for U-shape rows).", "",
-        "| row | act_up bytes | act_up reduction | total bytes | total reduction | val ppl | Δppl | reuse ratio | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "standard rows, `ushape` for U-shape rows). *split traffic* is every per-step stream (activations, "
+        "gradients, labels); *total* adds the once-per-round adapter exchange (fp32 LoRA matrices, both ways). "
+        "*wall s* is each row's own run on a 2-core CPU; rows may have run at different times and machine "
+        "load, so compare bytes and ppl, not wall time.", "",
+        "| row | act_up bytes | act_up reduction | split traffic reduction | total bytes | total reduction "
+        "| val ppl | Δppl | reuse ratio | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, s in results.items():
         base = results.get("ushape" if name.startswith("ushape") else "baseline")
         act, total = s["bytes_by_stream"].get("act_up", 0), s["bytes_up"] + s["bytes_down"]
-        red = f"{100 * (1 - act / base['bytes_by_stream']['act_up']):.2f} %" if base else "-"
-        tred = f"{100 * (1 - total / (base['bytes_up'] + base['bytes_down'])):.2f} %" if base else "-"
+        red = _reduction(act, base["bytes_by_stream"]["act_up"]) if base else "-"
+        sred = _reduction(split_bytes(s), split_bytes(base)) if base else "-"
+        tred = _reduction(total, base["bytes_up"] + base["bytes_down"]) if base else "-"
         dppl = f"{100 * (s['val_ppl'] / base['val_ppl'] - 1):+.2f} %" if base else "-"
-        lines.append(f"| {name} | {act:,} | {red} | {total:,} | {tred} | {s['val_ppl']:.3f} | {dppl} | "
+        lines.append(f"| {name} | {act:,} | {red} | {sred} | {total:,} | {tred} | {s['val_ppl']:.3f} | {dppl} | "
                      f"{s.get('reuse_ratio', 0):.3f} | {s['wall_s']:.0f} |")
     (args.out / "comm.md").write_text("\n".join(lines) + "\n")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, s in results.items():
-            ax.scatter(s["bytes_by_stream"].get("act_up", 0) / 1e6, s["val_ppl"], s=40)
-            ax.annotate(name, (s["bytes_by_stream"].get("act_up", 0) / 1e6, s["val_ppl"]), fontsize=8,
-                        xytext=(4, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("act_up bytes (MB, log scale)")
-        ax.set_ylabel("validation perplexity")
-        ax.set_title(f"{args.model}: uplink activations vs quality ({args.epochs} epochs, {args.clients} clients)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.out / "comm.png", dpi=120)
+        plot(results, args)
     except ImportError:
         print("matplotlib missing: no plot", file=sys.stderr)
 
+
+def plot(results: dict, args) -> None:
+    """Two panels: standard rows (act_up, the stream SplitCom targets) and U-shape rows (all split
+    traffic); rows that land on the same point share one label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    panels = [("standard: act_up bytes (MB, log)", lambda s: s["bytes_by_stream"].get("act_up", 0),
+               [n for n in results if not n.startswith("ushape")]),
+              ("U-shape: split traffic, 4 streams (MB, log)", split_bytes,
+               [n for n in results if n.startswith("ushape")])]
+    panels = [p for p in panels if p[2]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (xlabel, xof, names) in zip(axes[0], panels, strict=True):
+        points: dict[tuple[float, float], list[str]] = {}
+        for name in names:
+            s = results[name]
+            points.setdefault((round(xof(s) / 1e6, 3), round(s["val_ppl"], 3)), []).append(name)
+        prev_x, lift = None, 0
+        for (x, y), group in sorted(points.items()):
+            # neighbours closer than 40 % in x get their labels stacked instead of overprinted
+            lift = lift if prev_x is not None and x < prev_x * 1.4 else 0
+            prev_x = x
+            ax.scatter(x, y, s=40)
+            ax.annotate("\n".join(group), (x, y), fontsize=8, xytext=(4, 3 + 10 * lift), va="bottom",
+                        textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.4} if lift else None)
+            lift += len(group)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.25, y=0.15)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation perplexity")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{args.model}: bytes vs quality ({args.epochs} epochs, {args.clients} clients, "
+                 f"{args.samples} E2E samples)")
+    fig.tight_layout()
+    fig.savefig(args.out / "comm.png", dpi=120)
 
 if __name__ == "__main__":
     sys.exit(main())
