@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from splitcom.errors import UserError
 
@@ -28,6 +28,18 @@ class LoraCfg(_Strict):
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; None picks the family default (see models/split.py)."
     )
+    cut_rank: int | None = Field(
+        None, ge=1, description="LoRA rank of the blocks next to each client's cut (both cuts in U-shape); None "
+        "uses `rank`. Must be <= rank: a smaller rank there shrinks the adapters sent for those blocks. SFL with "
+        "per-client server adapters only; the centralized baseline has no cut and ignores it.")
+
+    @field_validator("cut_rank")
+    @classmethod
+    def _cut_rank_fits(cls, v: int | None, info: ValidationInfo) -> int | None:
+        rank = info.data.get("rank")
+        if v is not None and rank is not None and v > rank:
+            raise ValueError(f"must be <= model.lora.rank ({rank})")
+        return v
 
 
 class ModelCfg(_Strict):

@@ -13,7 +13,7 @@ import torch
 
 from splitcom.compress.pipeline import stream_ends
 from splitcom.data.tokenize import Batch, Sample, collate
-from splitcom.models.adapters import AdapterBank
+from splitcom.models.adapters import AdapterBank, rank_caps
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, Stream
 from splitcom.transport.base import Channel
@@ -23,7 +23,8 @@ class SplitClient:
     def __init__(self, cid: int, split: SplitModel, bank: AdapterBank, cut: int, channel: Channel,
                  samples: list[Sample], *, lr: float, weight_decay: float = 0.0, codec: str = "fp32",
                  grad_codec: str = "fp32", batch_size: int = 8, pad_id: int = 0, seed: int = 0,
-                 device: torch.device | str = "cpu", temporal=None, tail_layers: int = 0):
+                 device: torch.device | str = "cpu", temporal=None, tail_layers: int = 0,
+                 cut_rank: int | None = None):
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.device = torch.device(device)
@@ -32,7 +33,7 @@ class SplitClient:
         self.adapter = f"c{cid}"
         if self.adapter not in bank.names:
             bank.add_copy(self.adapter)
-        self.lr, self.weight_decay = lr, weight_decay
+        self.lr, self.weight_decay, self.cut_rank = lr, weight_decay, cut_rank
         self.set_cut(cut)
         sends = [Stream.act_up] + ([Stream.grad_up] if self.ushape else [])
         receives = [Stream.grad_down] + ([Stream.act_down] if self.ushape else [])
@@ -45,6 +46,8 @@ class SplitClient:
         adapter, so a handover is: new optimizer here, then ``pull_adapters`` for the new blocks."""
         self.cut = cut
         self.layers = list(range(cut)) + (list(range(self.tail_start, self.split.num_layers)) if self.ushape else [])
+        if self.cut_rank is not None:  # the blocks next to the new cut get the cut rank
+            self.bank.cap_ranks(self.adapter, rank_caps(self.cut_rank, cut, self.tail_start if self.ushape else None))
         self.optimizer = torch.optim.AdamW(self.bank.parameters(self.adapter, self.layers), lr=self.lr,
                                            weight_decay=self.weight_decay)
 

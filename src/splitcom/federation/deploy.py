@@ -43,12 +43,12 @@ import yaml
 
 from splitcom.config import Config, build_config, dump_config
 from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.client import SplitClient
 from splitcom.federation.fleet import Fleet
 from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.schedule import Job, make_schedule
 from splitcom.federation.server import SplitServer
 from splitcom.federation.setup import Setup, prepare, tail_layers
+from splitcom.federation.simulation import make_client, make_server
 from splitcom.models.adapters import GLOBAL
 from splitcom.protocol import serde
 from splitcom.protocol.messages import AdapterMsg, Stream
@@ -133,12 +133,7 @@ def client_cuts(s: Setup) -> list[int]:
 
 
 def build_server(s: Setup, cache_dir: str | None = None) -> SplitServer:
-    cfg = s.cfg  # the server half of simulation.build_sfl
-    return SplitServer(s.split, s.bank, dict(enumerate(client_cuts(s))), lr=cfg.train.lr,
-                       weight_decay=cfg.train.weight_decay, server_adapters=cfg.federation.server_adapters,
-                       grad_codec=cfg.compression.grad_codec, device=s.device, temporal=cfg.compression.temporal,
-                       cache_dir=cache_dir, codec=cfg.compression.codec, tail_layers=tail_layers(cfg),
-                       seed=cfg.train.seed)
+    return make_server(s, dict(enumerate(client_cuts(s))), cache_dir)
 
 
 def forget_summaries(ends) -> None:
@@ -854,14 +849,9 @@ class ClientDriver:
             if partition_digest(s, self.cid) != hello.partition_digest:
                 raise UserError("this client's data gives a different partition than the server's (it needs the "
                                 "same dataset, config and seed)", where=self.opts.data or "data.dataset")
-            t, c = cfg.train, cfg.compression  # as simulation.build_sfl builds a client
-            self.sc = SplitClient(self.cid, s.split, s.bank, client_cuts(s)[self.cid], self.channel,
-                                  [s.train[i] for i in s.partitions[self.cid]], lr=t.lr, weight_decay=t.weight_decay,
-                                  codec=c.codec, grad_codec=c.grad_codec, tail_layers=tail_layers(cfg),
-                                  batch_size=t.batch_size, pad_id=s.pad_id, seed=t.seed, device=s.device,
-                                  temporal=c.temporal)
+            self.sc = make_client(s, self.cid, client_cuts(s)[self.cid], self.channel)
         self.cfg, self.s = cfg, s
-        self.plan = round_plan(t.epochs, max(batches_per_client(s)), cfg.federation.aggregate_every)
+        self.plan = round_plan(cfg.train.epochs, max(batches_per_client(s)), cfg.federation.aggregate_every)
 
     def _counters(self) -> dict:
         return {k: int(getattr(self.sc, k, 0)) for k in COUNTERS}

@@ -18,7 +18,7 @@ from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.aggregate import fedavg, split_by_layer
-from splitcom.models.adapters import GLOBAL, AdapterBank
+from splitcom.models.adapters import GLOBAL, AdapterBank, rank_caps, truncate_ranks
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol import serde
 from splitcom.protocol.messages import (
@@ -43,8 +43,9 @@ class SplitServer:
                  weight_decay: float = 0.0, server_adapters: str = "per_client", grad_codec: str = "fp32",
                  device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None,
                  codec: str = "fp32", tail_layers: int = 0, seed: int = 0,
-                 weights: dict[int, float] | None = None):
+                 weights: dict[int, float] | None = None, cut_rank: int | None = None):
         self.split, self.bank, self.cuts = split, bank, dict(cuts)
+        self.cut_rank = None if server_adapters == "shared" else cut_rank  # (prepare refuses shared + cut rank)
         self.mode, self.device = server_adapters, torch.device(device)
         # FedAvg weights the server knows (sample counts); a client's claim must match, or one client
         # could dominate the average by claiming a huge weight.
@@ -79,6 +80,7 @@ class SplitServer:
             self.views[cid] = view
             if self.body_adapter(cid) not in view[1].names:
                 view[1].add_copy(self.body_adapter(cid), GLOBAL)
+            self._cap(cid)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         for cid in self.cuts:
             self._optimizer(cid)
@@ -88,10 +90,19 @@ class SplitServer:
         params = self.views[cid][1].parameters(name, self.server_layers(None if self.mode == "shared" else cid))
         self.optimizers[name] = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
+    def _cap(self, cid: int) -> None:
+        if self.cut_rank is not None:
+            self.views[cid][1].cap_ranks(client_adapter(cid), self.rank_caps(cid))
+
+    def rank_caps(self, cid: int) -> dict[int, int]:
+        """Blocks whose LoRA rank is capped for this client (next to its cuts)."""
+        return rank_caps(self.cut_rank, self.cuts[cid], self.end if self.ushape else None)
+
     def set_cut(self, cid: int, cut: int) -> None:
         """Move a client's cut at a round boundary: blocks the server gains start from the global adapter."""
         with self._lock:
             self.cuts[cid] = cut
+            self._cap(cid)
             self.views[cid][1].load(self.body_adapter(cid),
                                     split_by_layer(self.global_state, set(self.server_layers(cid))))
             self._optimizer(cid)
@@ -145,12 +156,13 @@ class SplitServer:
                 "cut_layer": self.cuts[msg.client_id], "tail_start": self.end if self.ushape else None,
                 "num_layers": self.num_layers, "hidden_size": self.split.hidden_size})
         if msg.kind == "pull_adapters":
-            return AdapterMsg(Stream.adapters_down, msg.client_id, self.round, 0.0,
-                              split_by_layer(self.global_state, self.client_layers(msg.client_id)))
+            return AdapterMsg(Stream.adapters_down, msg.client_id, self.round, 0.0, truncate_ranks(
+                split_by_layer(self.global_state, self.client_layers(msg.client_id)), self.rank_caps(msg.client_id)))
         raise ProtocolError(f"unknown control kind {msg.kind!r}", field="kind")
 
     def _check_upload(self, msg: AdapterMsg) -> None:
-        owned = split_by_layer(self.global_state, self.client_layers(msg.client_id))
+        owned = truncate_ranks(split_by_layer(self.global_state, self.client_layers(msg.client_id)),
+                               self.rank_caps(msg.client_id))
         if self.weights is not None and msg.weight != self.weights[msg.client_id]:
             raise ProtocolError(f"weight {msg.weight} is not client {msg.client_id}'s "
                                 f"{self.weights[msg.client_id]} samples", field="weight")

@@ -59,6 +59,10 @@ def tail_layers(cfg: Config) -> int:
 
 
 def prepare(cfg: Config) -> Setup:
+    if cfg.model.lora.cut_rank is not None and cfg.federation.mode == "sfl" and \
+            cfg.federation.server_adapters == "shared":
+        raise UserError("a cut rank needs per-client server adapters: the one shared server adapter serves "
+                        "every client's cut", where="model.lora.cut_rank, federation.server_adapters")
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     train_ex, val_ex = load_dataset(cfg.data.dataset, cfg.data.synthetic_size, cfg.train.seed)

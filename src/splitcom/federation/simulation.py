@@ -29,23 +29,31 @@ def _progress(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
+def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
+                weights: dict[int, float] | None = None) -> SplitServer:
+    """The server of a run, as simulation and deployment both build it."""
+    cfg, c = s.cfg, s.cfg.compression
+    return SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                       server_adapters=cfg.federation.server_adapters, grad_codec=c.grad_codec, device=s.device,
+                       temporal=c.temporal, cache_dir=cache_dir, codec=c.codec, tail_layers=tail_layers(cfg),
+                       seed=cfg.train.seed, weights=weights, cut_rank=cfg.model.lora.cut_rank)
+
+
+def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
+    """Client ``cid`` of a run, as simulation and deployment both build it."""
+    cfg, t, c = s.cfg, s.cfg.train, s.cfg.compression
+    return SplitClient(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]], lr=t.lr,
+                       weight_decay=t.weight_decay, codec=c.codec, grad_codec=c.grad_codec,
+                       tail_layers=tail_layers(cfg), batch_size=t.batch_size, pad_id=s.pad_id, seed=t.seed,
+                       device=s.device, temporal=c.temporal, cut_rank=cfg.model.lora.cut_rank)
+
+
 def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
               cuts: dict[int, int] | None = None) -> tuple[SplitServer, list[SplitClient]]:
     cfg = s.cfg
     cuts = cuts or {cid: cfg.split.cut_layer for cid in range(cfg.federation.num_clients)}
-    temporal = cfg.compression.temporal
-    server = SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                         server_adapters=cfg.federation.server_adapters, grad_codec=cfg.compression.grad_codec,
-                         device=s.device, temporal=temporal, cache_dir=cache_dir, codec=cfg.compression.codec,
-                         tail_layers=tail_layers(cfg), seed=cfg.train.seed,
-                         weights={cid: float(len(s.partitions[cid])) for cid in cuts})
-    clients = [SplitClient(cid, s.split, s.bank, cuts[cid], InProcessChannel(cid, server, counter),
-                           [s.train[i] for i in s.partitions[cid]], lr=cfg.train.lr,
-                           weight_decay=cfg.train.weight_decay, codec=cfg.compression.codec,
-                           grad_codec=cfg.compression.grad_codec, tail_layers=tail_layers(cfg),
-                           batch_size=cfg.train.batch_size, pad_id=s.pad_id, seed=cfg.train.seed, device=s.device,
-                           temporal=temporal)
-               for cid in cuts]
+    server = make_server(s, cuts, cache_dir, weights={cid: float(len(s.partitions[cid])) for cid in cuts})
+    clients = [make_client(s, cid, cuts[cid], InProcessChannel(cid, server, counter)) for cid in cuts]
     return server, clients
 
 

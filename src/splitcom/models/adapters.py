@@ -34,11 +34,41 @@ def attach_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float,
     return peft_model
 
 
+def rank_caps(cut_rank: int | None, cut: int, tail_start: int | None = None) -> dict[int, int]:
+    """Blocks next to a client's cut (and, in U-shape, next to its tail) and their capped LoRA rank."""
+    if cut_rank is None:
+        return {}
+    blocks = {cut - 1, cut} | (set() if tail_start is None else {tail_start - 1, tail_start})
+    return {b: cut_rank for b in sorted(blocks)}
+
+
+def truncate_ranks(state: dict[str, torch.Tensor], caps: dict[int, int]) -> dict[str, torch.Tensor]:
+    """The first ``cap`` rank components of the capped blocks' matrices: what goes on the wire."""
+    out = {}
+    for name, t in state.items():
+        cap = caps.get(layer_index(name))
+        if cap is not None and ".lora_A." in name:
+            t = t[:cap]
+        elif cap is not None and ".lora_B." in name:
+            t = t[:, :cap]
+        out[name] = t.contiguous()
+    return out
+
+
 class AdapterBank:
-    """Named adapters over one PEFT model, addressed by decoder block."""
+    """Named adapters over one PEFT model, addressed by decoder block.
+
+    A block's LoRA rank can be capped per adapter (``cap_ranks``, the cut-layer rank of DESIGN 4.7): the
+    rank components above the cap are held at exactly zero (a zero row of A with a zero column of B gets a
+    zero gradient, so AdamW keeps both at zero), which makes the block a rank-``cap`` LoRA with scaling
+    alpha/r. PEFT cannot change one adapter's rank per block in place when cuts move between rounds, so
+    the cap is a mask over the full-rank matrices; ``state`` hands out, and ``load`` takes, the truncated
+    matrices, so the wire carries only the real rank.
+    """
 
     def __init__(self, peft_model: PeftModel):
         self.model = peft_model
+        self.caps: dict[str, dict[int, int]] = {}
         self._by_layer: dict[int, list[BaseTunerLayer]] = defaultdict(list)
         for name, module in peft_model.named_modules():
             if isinstance(module, BaseTunerLayer):
@@ -77,23 +107,55 @@ class AdapterBank:
     def canonical(name: str, adapter: str) -> str:
         return name.removeprefix(_PREFIX).replace(f".{adapter}.", ".")
 
+    def cap_ranks(self, adapter: str, caps: dict[int, int]) -> None:
+        """Cap the LoRA rank of some blocks of ``adapter`` (replacing earlier caps) and zero what is above."""
+        self.caps[adapter] = dict(caps)
+        self._mask(adapter)
+
+    def _mask(self, adapter: str) -> None:
+        caps = self.caps.get(adapter)
+        if not caps:
+            return
+        with torch.no_grad():
+            for n, p in self._named(adapter):
+                cap = caps.get(layer_index(n))
+                if cap is not None and ".lora_A." in n:
+                    p[cap:].zero_()
+                elif cap is not None and ".lora_B." in n:
+                    p[:, cap:].zero_()
+
     def state(self, adapter: str, layers: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
-        """Detached copies of an adapter's LoRA matrices, optionally only for some blocks."""
+        """Detached copies of an adapter's LoRA matrices, optionally only for some blocks; capped blocks
+        give only their ``cap`` rank components."""
         keep = None if layers is None else set(layers)
-        return {self.canonical(n, adapter): p.detach().clone() for n, p in self._named(adapter)
+        full = {self.canonical(n, adapter): p.detach().clone() for n, p in self._named(adapter)
                 if keep is None or layer_index(n) in keep}
+        return truncate_ranks(full, self.caps.get(adapter, {}))
 
     def load(self, adapter: str, state: dict[str, torch.Tensor]) -> None:
-        """Copy matrices in place (optimizers keep pointing at the same parameters)."""
+        """Copy matrices in place (optimizers keep pointing at the same parameters). A matrix of lower
+        rank than the parameter fills its first rank components; the rest, and anything above a cap,
+        becomes zero."""
         params = {self.canonical(n, adapter): p for n, p in self._named(adapter)}
         unknown = set(state) - set(params)
         if unknown:
             raise KeyError(f"adapter {adapter!r} has no parameter(s) {sorted(unknown)[:3]}")
         with torch.no_grad():
             for key, value in state.items():
-                if params[key].shape != value.shape:
-                    raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(params[key].shape)}")
-                params[key].copy_(value)
+                param = params[key]
+                if param.shape == value.shape:
+                    param.copy_(value)
+                elif ".lora_A." in key and value.dim() == 2 and value.shape[0] < param.shape[0] \
+                        and value.shape[1] == param.shape[1]:
+                    param.zero_()
+                    param[: value.shape[0]].copy_(value)
+                elif ".lora_B." in key and value.dim() == 2 and value.shape[1] < param.shape[1] \
+                        and value.shape[0] == param.shape[0]:
+                    param.zero_()
+                    param[:, : value.shape[1]].copy_(value)
+                else:
+                    raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(param.shape)}")
+        self._mask(adapter)
 
     def num_bytes(self, adapter: str, layers: Iterable[int] | None = None) -> int:
         return sum(t.numel() * t.element_size() for t in self.state(adapter, layers).values())
