@@ -265,13 +265,20 @@ def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
 
 @pytest.mark.parametrize("over,exact", [
     ({"compression.temporal.enabled": True, "train.epochs": 3, "compression.temporal.controller": "bangbang",
-      "compression.temporal.bangbang.aggressive": 0.3, "compression.temporal.bangbang.conservative": 0.6}, True),
-    ({"federation.schedule": "longest_tail_first", "federation.server_adapters": "shared"}, False),
+      "compression.temporal.bangbang.aggressive": 0.3, "compression.temporal.bangbang.conservative": 0.6}, "reuse"),
+    ({"federation.schedule": "longest_tail_first", "federation.server_adapters": "shared"}, None),
+    ({"split.mode": "ushape", "split.tail_layers": 1, "compression.temporal.enabled": True,
+      "compression.temporal.threshold": 0.3, "compression.codec": "int8", "compression.grad_codec": "int8",
+      "compression.temporal.streams": ["act_up", "act_down", "grad_up", "grad_down"],
+      "model.lora.cut_rank": 2}, "ushape"),
+    ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2}, "adaptive"),
 ])
 def test_in_process_deployment(tmp_path, over, exact):
     """Server and clients as threads of this process, over gRPC loopback. With temporal reuse and a
     threshold controller (the server sends each round's threshold down) round_robin still matches
-    simulation exactly; a dynamic schedule trains too (its order depends on timing)."""
+    simulation exactly; so does U-shape with reuse on all four streams, int8 and a cut rank (two
+    exchanges per step, the client keeps its turn between), and adaptive cuts that move between rounds;
+    a dynamic schedule trains too (its order depends on timing)."""
     tree = _setup(tmp_path)
     for key, value in over.items():
         node = tree
@@ -285,9 +292,16 @@ def test_in_process_deployment(tmp_path, over, exact):
     assert [c.join()["rejected_steps"] for c in clients] == [0, 0, 0]
     sim = _sim(tree, tmp_path / "sim")
     assert dep["bytes_by_stream"] == sim["bytes_by_stream"]
-    if exact:
+    if exact == "reuse":
         assert sim["reuse_ratio"] > 0.3 and dep["reuse_ratio"] == sim["reuse_ratio"]
         assert dep["threshold_by_epoch"] == sim["threshold_by_epoch"] == [0.3, 0.3, 0.3]
+    if exact == "ushape":
+        assert "labels_up" not in dep["bytes_by_stream"] and dep["bytes_by_stream"]["grad_up"] > 0
+        assert sim["reuse_ratio_by_stream"]["act_down"] > 0
+    if exact == "adaptive":  # the server moves cuts by the same rule; clients follow from their downloads
+        assert dep["cuts_by_round"] == sim["cuts_by_round"]
+        assert len({tuple(c) for c in sim["cuts_by_round"]}) > 1
+    if exact:
         assert _adapters_equal(tmp_path / "deploy", tmp_path / "sim")
     else:
         assert dep["val_loss"] < dep["initial_val_loss"] and dep["schedule"] == "longest_tail_first"

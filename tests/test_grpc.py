@@ -42,6 +42,7 @@ class Fake:
     """A coordinator that answers without a model: for tests of the transport alone."""
 
     max_message_bytes = 4096
+    step_streams = frozenset({Stream.act_up})
 
     def __init__(self):
         self.calls = []

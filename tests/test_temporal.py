@@ -187,9 +187,10 @@ def test_server_rejects_false_weight_and_partial_upload():
     server, clients = build_sfl(s, ByteCounter(), cuts={0: 2, 1: 2})
     server.weights = {0: 24.0, 1: 24.0}
     state = s.bank.state("c0", range(2))
-    for weight, tensors, field in [(1e9, state, "weight"), (24.0, dict(list(state.items())[:1]), "tensors")]:
+    for weight, tensors, cut, field in [(1e9, state, 2, "weight"), (24.0, dict(list(state.items())[:1]), 2, "tensors"),
+                                        (24.0, state, 3, "cut")]:
         reply = serde.decode(server.handle_bytes(0, serde.encode(AdapterMsg(Stream.adapters_up, 0, 0, weight,
-                                                                            tensors))))
+                                                                            tensors, cut))))
         assert reply.kind == "error" and reply.body["field"] == field
     assert server.uploads == {}
 

@@ -123,8 +123,12 @@ class SplitClient:
 
     def push_adapters(self, round_: int) -> None:
         self.channel.send(AdapterMsg(Stream.adapters_up, self.cid, round_, float(self.num_samples),
-                                     self.bank.state(self.adapter, self.layers)))
+                                     self.bank.state(self.adapter, self.layers), self.cut))
 
     def pull_adapters(self, round_: int) -> None:
+        """Load the global adapter for this client's blocks; when the server moved the cut (adaptive cuts),
+        take the new cut first: the reply covers the new blocks."""
         reply = self.channel.request(ControlMsg(self.cid, round_, "pull_adapters"))
+        if reply.cut != self.cut:
+            self.set_cut(reply.cut)
         self.bank.load(self.adapter, reply.tensors)

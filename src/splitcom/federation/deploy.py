@@ -46,7 +46,6 @@ from splitcom.errors import ProtocolError, UserError
 from splitcom.federation.fleet import Fleet
 from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.schedule import Job, make_schedule
-from splitcom.federation.server import SplitServer
 from splitcom.federation.setup import Setup, prepare, tail_layers
 from splitcom.federation.simulation import make_client, make_server
 from splitcom.models.adapters import GLOBAL
@@ -132,10 +131,6 @@ def client_cuts(s: Setup) -> list[int]:
     return list(Fleet(s).cuts)
 
 
-def build_server(s: Setup, cache_dir: str | None = None) -> SplitServer:
-    return make_server(s, dict(enumerate(client_cuts(s))), cache_dir)
-
-
 def forget_summaries(ends) -> None:
     """Empty the temporal senders of these stream ends: after a (re)join the receiving side may not hold
     what they remember, so every sample goes FULL once more."""
@@ -150,11 +145,6 @@ def forget_summaries(ends) -> None:
 def check_deployable(cfg: Config) -> None:
     if cfg.federation.mode != "sfl":
         raise UserError("deployment runs split federated training only (`sfl`)", where="federation.mode")
-    if cfg.split.mode != "standard":
-        raise UserError("deployment supports the standard split only (U-shape: not yet)", where="split.mode")
-    if cfg.split.cut_policy == "adaptive":
-        raise UserError("adaptive cuts are simulation-only for now (use fixed or memory_fit)",
-                        where="split.cut_policy")
     if cfg.federation.min_clients > cfg.federation.num_clients:
         raise UserError(f"must be <= federation.num_clients ({cfg.federation.num_clients})",
                         where="federation.min_clients")
@@ -185,9 +175,14 @@ class _Round:
     pending: dict[int, _Pending] = field(default_factory=dict)
     dropped: dict[int, str] = field(default_factory=dict)
     uploads: dict[int, Call] = field(default_factory=dict)  # waiting to be served
+    # U-shape: a step is two exchanges (act_up -> act_down, grad_up -> grad_down); the turn stays with the
+    # client between them, as in simulation's lockstep
+    awaiting_grad: dict[int, int] = field(default_factory=dict)  # cid -> step whose grad_up the gate awaits
+    grad_up: dict[int, _Pending] = field(default_factory=dict)
     pushed: set[int] = field(default_factory=set)
     pulled: set[int] = field(default_factory=set)
     last_served: dict[int, float] = field(default_factory=dict)
+    losses: dict[int, list[float]] = field(default_factory=dict)  # per client: this round's step losses
     started: float = field(default_factory=time.monotonic)
     aggregated: bool = False
 
@@ -217,7 +212,9 @@ class ServerDriver:
         self.out.mkdir(parents=True, exist_ok=True)
         with PREPARE_LOCK:
             self.s = prepare(cfg)
-        self.server = build_server(self.s, str(self.out / "cache") if cfg.compression.temporal.store == "disk" else None)
+        self.fleet = Fleet(self.s)  # each client's cut: fixed, memory_fit, or moved between rounds (adaptive)
+        self.server = make_server(self.s, dict(enumerate(self.fleet.cuts)),
+                                  str(self.out / "cache") if cfg.compression.temporal.store == "disk" else None)
         self.batches = batches_per_client(self.s)
         self.plan = round_plan(cfg.train.epochs, max(self.batches), fed.aggregate_every)
         self.policy = make_schedule(fed.schedule, cfg.train.seed)
@@ -227,6 +224,7 @@ class ServerDriver:
         self.reuse = ReuseControl(cfg.compression.temporal, list(self.stats.values()), self.s.split.hidden_size,
                                   cfg.train.epochs, cfg.train.seed, self.server)
         self.max_message_bytes = self._message_limit()
+        self.step_streams = frozenset({Stream.act_up} | ({Stream.grad_up} if self.server.ushape else set()))
         self.cond = threading.Condition()
         self.members: dict[int, _Member] = {}
         self.current: _Round | None = None
@@ -308,6 +306,8 @@ class ServerDriver:
 
     def step(self, call: Call, labels: list[Call]) -> None:
         cid, g = call.cid, call.header.step
+        if self.server.ushape and serde.peek_stream(call.payload) == Stream.grad_up:
+            return self._second_half(call)
         with self.cond:
             while True:
                 if self.failed or self.phase == "finished":
@@ -335,6 +335,37 @@ class ServerDriver:
             with self.cond:
                 if self.failed:
                     raise Rejected("ABORTED", self.failed)
+
+    def _second_half(self, call: Call) -> None:
+        """U-shape: hand the grad_up of the step being served to the gate that holds the turn."""
+        cid, g = call.cid, call.header.step
+        with self.cond:
+            rnd = self.current
+            if rnd is None or rnd.awaiting_grad.get(cid) != g:
+                raise Rejected("INVALID_ARGUMENT", f"grad_up for step {g} of client {cid} without its act_up "
+                               "being served", "header.step")
+            rnd.grad_up[cid] = _Pending(call, [], g, time.monotonic())
+            self.cond.notify_all()
+        while not call.done.wait(1.0):
+            with self.cond:
+                if self.failed:
+                    raise Rejected("ABORTED", self.failed)
+
+    def _await_grad_up(self, rnd: _Round, cid: int, g: int) -> _Pending | None:
+        """U-shape: wait for the client's grad_up of step ``g`` (None: it was dropped meanwhile)."""
+        with self.cond:
+            rnd.awaiting_grad[cid] = g
+            t0 = time.monotonic()
+            while cid not in rnd.grad_up:
+                if cid in rnd.active and time.monotonic() - t0 > self.timeout:
+                    self._drop(rnd, cid, f"no grad_up for step {g} within client_timeout_s = {self.timeout:g} s")
+                if cid not in rnd.active:
+                    rnd.awaiting_grad.pop(cid, None)
+                    self.server.pending.pop(cid, None)  # the half-done step is abandoned
+                    return None
+                self.cond.wait(0.25)
+            rnd.awaiting_grad.pop(cid)
+            return rnd.grad_up.pop(cid)
 
     def labels(self, calls: list[Call]) -> None:
         for call in calls:
@@ -520,8 +551,17 @@ class ServerDriver:
             lab.complete(self.server.handle_bytes(cid, lab.payload))
         t = time.perf_counter()
         reply = self.server.handle_bytes(cid, w.call.payload)
-        self._estimate("service", cid, time.perf_counter() - t)
+        service = time.perf_counter() - t
         w.call.complete(reply)
+        if self.server.ushape and reply and reply[3] == TENSOR:  # act_down went out: the step's second half
+            second = self._await_grad_up(rnd, cid, w.gstep)
+            if second is None:
+                return
+            t = time.perf_counter()
+            reply = self.server.handle_bytes(cid, second.call.payload)
+            service += time.perf_counter() - t
+            second.call.complete(reply)
+        self._estimate("service", cid, service)
         with self.cond:
             queue = rnd.remaining[cid]
             while queue and queue[0] < w.gstep:
@@ -533,6 +573,7 @@ class ServerDriver:
         if reply and reply[3] == TENSOR:
             loss = loss_of(reply)
             self.losses.append(loss)
+            rnd.losses.setdefault(cid, []).append(loss)
             if w.gstep % self.cfg.logging.log_every == 0:
                 self.log.write("step", epoch=rnd.spec.epoch, step=step, client=cid, loss=loss,
                                bytes_up=self.counters.serde.up, bytes_down=self.counters.serde.down)
@@ -575,6 +616,15 @@ class ServerDriver:
                                   f"federation.min_clients = {self.cfg.federation.min_clients}")
             rnd.aggregated = True
         self.server.aggregate()
+        # adaptive cuts move between rounds, by simulation's rule on the same per-client training losses;
+        # a moved client learns its new cut from its download (AdapterMsg.cut), which covers the new blocks
+        old = list(self.fleet.cuts)
+        new = self.fleet.adapt([sum(v) / len(v) if (v := rnd.losses.get(cid)) else float("nan")
+                                for cid in range(self.cfg.federation.num_clients)])
+        for cid, cut in enumerate(new):
+            if cut != old[cid]:
+                self.server.set_cut(cid, cut)
+                log.info("round %d: client %d's cut moves %d -> %d", rnd.spec.index, cid, old[cid], cut)
 
     def _finish(self, rnd: _Round, t0: float) -> None:
         spec = rnd.spec
@@ -614,7 +664,8 @@ class ServerDriver:
             return
         rnd.dropped[cid] = reason
         rnd.remaining[cid].clear()
-        for call in [getattr(rnd.pending.pop(cid, None), "call", None), rnd.uploads.pop(cid, None)]:
+        for call in [getattr(rnd.pending.pop(cid, None), "call", None), rnd.uploads.pop(cid, None),
+                     getattr(rnd.grad_up.pop(cid, None), "call", None)]:
             if call is not None:
                 call.reject(DROPPED, f"dropped from round {rnd.spec.index}: {reason}; join again", "round")
         if cid in self.members:
@@ -643,8 +694,9 @@ class ServerDriver:
     def _save_checkpoint(self, t0: float) -> None:
         srv, banks = self.server, self._server_banks()
         state = {
-            "version": 1, "next_round": self.next_round, "session": self.session,
+            "version": 2, "next_round": self.next_round, "session": self.session,
             "global": srv.global_state, "server_round": srv.round,
+            "cuts": dict(srv.cuts), "cuts_by_round": self.fleet.history,
             "adapters": {n: bank.state(n) for n, bank in banks.items()},
             "optimizers": {n: srv.optimizers[n].state_dict() for n in banks},
             "losses": self.losses, "val_losses": self.val_losses, "train_losses": self.train_losses,
@@ -671,6 +723,10 @@ class ServerDriver:
         srv, bank = self.server, self.s.bank
         srv.global_state = dict(st["global"])
         bank.load(GLOBAL, srv.global_state)
+        for cid, cut in st.get("cuts", {}).items():  # before the adapters: a cut decides which blocks the server holds
+            srv.set_cut(int(cid), cut)
+        self.fleet.cuts = [srv.cuts[c] for c in sorted(srv.cuts)]
+        self.fleet.history = st.get("cuts_by_round", [list(self.fleet.cuts)])
         banks = self._server_banks()
         for name, state in st["adapters"].items():
             banks[name].load(name, state)
@@ -727,7 +783,7 @@ class ServerDriver:
             "client_cache_bytes": sum(st.cache_bytes for st in self.stats.values()),
             "server_cache_bytes": self.server.cache_bytes,
             "server_state_bytes": self.server.state_bytes()["total"], "server_state": self.server.state_bytes(),
-            "cuts": [self.server.cuts[c] for c in sorted(self.server.cuts)],
+            "cuts": [self.server.cuts[c] for c in sorted(self.server.cuts)], "cuts_by_round": self.fleet.history,
             **({"ddpg_agent": agent} if agent else {}),
             # deployment only
             "transport": "grpc", "schedule": cfg.federation.schedule,

@@ -157,7 +157,8 @@ class SplitServer:
                 "num_layers": self.num_layers, "hidden_size": self.split.hidden_size})
         if msg.kind == "pull_adapters":
             return AdapterMsg(Stream.adapters_down, msg.client_id, self.round, 0.0, truncate_ranks(
-                split_by_layer(self.global_state, self.client_layers(msg.client_id)), self.rank_caps(msg.client_id)))
+                split_by_layer(self.global_state, self.client_layers(msg.client_id)), self.rank_caps(msg.client_id)),
+                self.cuts[msg.client_id])
         raise ProtocolError(f"unknown control kind {msg.kind!r}", field="kind")
 
     def _check_upload(self, msg: AdapterMsg) -> None:
@@ -180,6 +181,9 @@ class SplitServer:
                                     field=f"tensors[{name}]")
             if not torch.isfinite(t).all():
                 raise ProtocolError("NaN or Inf", field=f"tensors[{name}]")
+        if msg.cut != self.cuts[msg.client_id]:
+            raise ProtocolError(f"cut {msg.cut} is not client {msg.client_id}'s cut {self.cuts[msg.client_id]}",
+                                field="cut")
 
     # ---- one training step of one client ---------------------------------------------------
     def _labels(self, msg: TensorMsg) -> torch.Tensor:
@@ -307,9 +311,10 @@ class SplitServer:
                     w = sum(up.weight for cid, up in self.uploads.items() if layer in self.server_layers(cid))
                     contributions.append((w, self.bank.state(SHARED, [layer])))
             if contributions:
-                merged = fedavg(contributions)
-                self.global_state.update(merged)
-                self.bank.load(GLOBAL, self.global_state)
+                # a block that only capped (cut-rank) copies hold averages to that rank: loading pads it
+                # back into the full-rank global adapter
+                self.bank.load(GLOBAL, fedavg(contributions))
+                self.global_state = self.bank.state(GLOBAL)
                 for cid in self.cuts:
                     self.views[cid][1].load(self.body_adapter(cid),
                                             split_by_layer(self.global_state, set(self.server_layers(cid))))

@@ -94,18 +94,14 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
             for c in workers:
                 c.push_adapters(rounds)
             server.aggregate()
-            for c in workers:
-                c.pull_adapters(rounds)
-            moved = []
             old = list(fleet.cuts)
             new = fleet.adapt([sum(v) / len(v) if (v := round_losses.get(c.cid)) else float("nan")
                                for c in workers])
-            for c in workers:  # handover at the round boundary: every copy equals the global adapter now
-                if new[c.cid] != old[c.cid]:
-                    server.set_cut(c.cid, new[c.cid])
-                    c.set_cut(new[c.cid])
-                    c.pull_adapters(rounds)
-                    moved.append(c.cid)
+            moved = [c.cid for c in workers if new[c.cid] != old[c.cid]]
+            for cid in moved:  # handover at the round boundary: every copy equals the global adapter now
+                server.set_cut(cid, new[cid])
+            for c in workers:  # a moved client takes its new cut from the download, which covers the new blocks
+                c.pull_adapters(rounds)
             traffic = {c.cid: c.channel.take_bytes() for c in workers}
             fleet.clock.aggregation({k: v[0] for k, v in traffic.items()}, {k: v[1] for k, v in traffic.items()})
             round_losses.clear()

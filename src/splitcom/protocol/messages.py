@@ -71,6 +71,7 @@ class AdapterMsg:
     round: int
     weight: float  # FedAvg weight (the client's sample count)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> fp32 tensor
+    cut: int = 0  # the client's cut: up, the one it trained with; down, the one for the next round
 
 
 @dataclass

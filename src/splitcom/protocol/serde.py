@@ -11,8 +11,9 @@ then, by type:
   followed by ``payload_len`` codec bytes (0 for REUSE and SKIP). kind: 0 FULL, 1 REUSE, 2 SKIP.
   So a TENSOR message is 32 + sum_i(17 + payload_i) bytes; fp32 payload_i = T_i * H * 4.
 - LABELS (type 2): per sample: sample_id u64 | length u32, then ``length`` int32 labels.
-- ADAPTER (type 3): stream u8 | weight f64, then per tensor: name_len u16 | name utf-8 | ndim u8 |
-  dims u32 x ndim | fp32 data.
+- ADAPTER (type 3): stream u8 | weight f64 | cut u16, then per tensor: name_len u16 | name utf-8 |
+  ndim u8 | dims u32 x ndim | fp32 data. ``cut``: the client's cut layer these blocks belong to (up:
+  the cut it trained with; down: its cut for the next round, which adaptive cuts may have moved).
 - CONTROL (type 4): kind_len u16 | kind utf-8 | body_len u32 | body JSON utf-8.
 
 Decoding validates every field and raises ProtocolError naming it; it never trusts a length.
@@ -40,9 +41,10 @@ from splitcom.protocol.messages import (
 )
 
 MAGIC = b"SC"
-VERSION = 1
+VERSION = 2  # 2: ADAPTER carries the client's cut
 HEADER = struct.Struct("<2sBBIII")  # 16 bytes
 TENSOR_EXT = struct.Struct("<BBHId")  # 16 bytes
+ADAPTER_EXT = struct.Struct("<BdH")  # 11 bytes
 SAMPLE = struct.Struct("<QIBI")  # 17 bytes
 LABEL_SAMPLE = struct.Struct("<QI")  # 12 bytes
 TENSOR_HEADER_BYTES = HEADER.size + TENSOR_EXT.size  # 32
@@ -55,6 +57,16 @@ FULL, REUSE, SKIP = 0, 1, 2
 def tensor_msg_bytes(lengths: list[int], hidden: int, bytes_per_value: int = 4) -> int:
     """Exact size of a TENSOR message whose samples are all FULL with a fixed-width codec."""
     return TENSOR_HEADER_BYTES + sum(SAMPLE_HEADER_BYTES + t * hidden * bytes_per_value for t in lengths)
+
+
+def peek_stream(data: bytes) -> Stream | None:
+    """The stream of a TENSOR message, read from its header without decoding it (None otherwise)."""
+    if len(data) < HEADER.size + TENSOR_EXT.size or data[:2] != MAGIC or data[3] != TYPES[TensorMsg]:
+        return None
+    try:
+        return Stream(data[HEADER.size])
+    except ValueError:
+        return None
 
 
 def encode(msg: Message) -> bytes:
@@ -75,7 +87,7 @@ def encode(msg: Message) -> bytes:
             parts.append(np.asarray(lab, dtype="<i4").tobytes())
     elif isinstance(msg, AdapterMsg):
         count = len(msg.tensors)
-        parts.append(struct.pack("<Bd", int(msg.stream), msg.weight))
+        parts.append(ADAPTER_EXT.pack(int(msg.stream), msg.weight, msg.cut))
         for name, t in msg.tensors.items():
             raw = name.encode()
             parts.append(struct.pack("<H", len(raw)) + raw + struct.pack("<B", t.dim()))
@@ -167,7 +179,7 @@ def _decode_labels(r: _Reader, client_id: int, step: int, count: int) -> LabelsM
 
 
 def _decode_adapter(r: _Reader, client_id: int, step: int, count: int) -> AdapterMsg:
-    stream, weight = r.unpack("<Bd", "adapter_header")
+    stream, weight, cut = r.unpack(ADAPTER_EXT, "adapter_header")
     stream = _stream(stream, {Stream.adapters_up, Stream.adapters_down}, "stream")
     if not math.isfinite(weight) or weight < 0:
         raise ProtocolError(f"weight {weight} is not a finite non-negative number", field="weight")
@@ -183,7 +195,7 @@ def _decode_adapter(r: _Reader, client_id: int, step: int, count: int) -> Adapte
         numel = int(np.prod(dims)) if dims else 1
         raw = r.take(4 * numel, f"tensors[{name}].data")
         tensors[name] = torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy()).reshape(dims)
-    return AdapterMsg(stream, client_id, step, weight, tensors)
+    return AdapterMsg(stream, client_id, step, weight, tensors, cut)
 
 
 def _decode_control(r: _Reader, client_id: int, step: int, count: int) -> ControlMsg:

@@ -177,6 +177,7 @@ class Coordinator(Protocol):
     """What the transport needs from the deployment driver (federation/deploy.py)."""
 
     max_message_bytes: int
+    step_streams: frozenset[Stream]  # tensor streams a client may send on its step stream
 
     def hello(self, cid: int) -> dict: ...  # pb.HelloReply fields
     def join(self, call: Call) -> None: ...
@@ -235,7 +236,7 @@ class SplitComService:
                         "authenticated call", "header.client_id")
         elif call.header.type not in EXPECTED[rpc]:
             call.reject(INVALID, f"message type {call.header.type} does not belong on {rpc}", "header.type")
-        elif call.header.type == TENSOR and call.header.stream != Stream.act_up:
+        elif call.header.type == TENSOR and call.header.stream not in self.coord.step_streams:
             call.reject(INVALID, f"{call.header.stream.name} does not belong on the step stream", "stream")
         return call
 
