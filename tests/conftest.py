@@ -28,3 +28,11 @@ def tiny_cfg(**over):
     }
     base.update(over)
     return build_config({}, [f"{k}={v}" for k, v in base.items()])
+
+
+def train_round(clients, round_=0):
+    """One step of every client (first batch of epoch 1), then every client uploads its adapter."""
+    for step, c in enumerate(clients):
+        c.train_step(c.epoch_batches(1)[0], step)
+    for c in clients:
+        c.push_adapters(round_)

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import tiny_cfg, train_round
 
 from splitcom.errors import UserError
 from splitcom.federation.setup import prepare
@@ -15,13 +15,6 @@ from splitcom.protocol.messages import Stream
 from splitcom.transport.counters import ByteCounter
 
 RANK, CUT_RANK = 8, 2
-
-
-def _one_round(server, clients):
-    for step, c in enumerate(clients):
-        c.train_step(c.epoch_batches(1)[0], step)
-    for c in clients:
-        c.push_adapters(0)
 
 
 def test_rank_caps_are_the_blocks_next_to_each_cut():
@@ -36,7 +29,7 @@ def test_different_cuts_and_ranks_aggregate_zero_padded_by_hand():
     the zero-padded copies, and each side gets back its own rank."""
     s = prepare(tiny_cfg(**{"federation.num_clients": 2, "model.lora.cut_rank": CUT_RANK}))
     server, clients = build_sfl(s, ByteCounter(), cuts={0: 1, 1: 2})
-    _one_round(server, clients)
+    train_round(clients)
     w0, w1 = (float(c.num_samples) for c in clients)
     key = "model.layers.{}.self_attn.q_proj.lora_{}.weight"
     up0, up1 = server.uploads[0].tensors, server.uploads[1].tensors
@@ -68,7 +61,7 @@ def test_capped_blocks_stay_low_rank_and_move_with_the_cut():
     s = prepare(tiny_cfg(**{"federation.num_clients": 2, "model.lora.cut_rank": CUT_RANK, "train.lr": 0.05}))
     server, clients = build_sfl(s, ByteCounter(), cuts={0: 2, 1: 2})
     for _ in range(2):
-        _one_round(server, clients)
+        train_round(clients)
     params = dict(s.bank.model.named_parameters())
     for block in (0, 1, 2, 3):
         a = params[f"base_model.model.model.layers.{block}.self_attn.v_proj.lora_A.c0.weight"]
@@ -88,7 +81,7 @@ def test_capped_blocks_stay_low_rank_and_move_with_the_cut():
         if layer in (2, 3):
             expect = expect[:CUT_RANK] if ".lora_A." in name else expect[:, :CUT_RANK]
         assert torch.equal(v, expect), name
-    _one_round(server, clients)  # and training goes on
+    train_round(clients)  # and training goes on
 
 
 def test_cut_rank_shrinks_adapter_bytes_exactly(tmp_path):

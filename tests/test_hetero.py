@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import tiny_cfg, train_round
 
 from splitcom.errors import UserError
 from splitcom.federation.aggregate import fedavg
@@ -12,20 +12,13 @@ from splitcom.models.adapters import GLOBAL
 from splitcom.transport.counters import ByteCounter
 
 
-def _train_round(server, clients):
-    for step, c in enumerate(clients):
-        c.train_step(c.epoch_batches(1)[0], step)
-    for c in clients:
-        c.push_adapters(0)
-
-
 def test_heterogeneous_cuts_aggregate_per_layer_by_hand():
     """Per-layer FedAvg over clients with cuts 1, 2, 3: every layer averages all clients' copies,
     wherever they live (client for l < k_i, server for l >= k_i), weighted by sample counts."""
     cfg = tiny_cfg(**{"federation.num_clients": 3})
     s = prepare(cfg)
     server, clients = build_sfl(s, ByteCounter(), cuts={0: 1, 1: 2, 2: 3})
-    _train_round(server, clients)
+    train_round(clients)
     weights = [float(c.num_samples) for c in clients]
     states = [s.bank.state(f"c{c.cid}") for c in clients]  # head (client) + body (server) of each client
     expected = fedavg(list(zip(weights, states, strict=True)))
@@ -39,7 +32,7 @@ def test_handover_keeps_the_global_adapter():
     cfg = tiny_cfg(**{"federation.num_clients": 2})
     s = prepare(cfg)
     server, clients = build_sfl(s, ByteCounter(), cuts={0: 1, 1: 3})
-    _train_round(server, clients)
+    train_round(clients)
     server.aggregate()
     for c in clients:
         c.pull_adapters(0)
@@ -57,7 +50,7 @@ def test_handover_keeps_the_global_adapter():
         for k, v in own.items():
             assert torch.equal(v, before[k]), k
     # and training goes on with the new cuts
-    _train_round(server, clients)
+    train_round(clients)
     assert set(server.aggregate()) == set(before)
 
 
