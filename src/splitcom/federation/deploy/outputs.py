@@ -1,0 +1,126 @@
+"""What the server process keeps and writes: the checkpoint after every finished round (and resume from
+it), and summary.json. Functions of the ServerDriver ``self``."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+
+from splitcom.errors import UserError
+from splitcom.federation.deploy.plan import CHECKPOINT, log
+from splitcom.federation.setup import tail_layers
+from splitcom.models.adapters import GLOBAL
+from splitcom.runlog import peak_rss_bytes
+
+
+def server_banks(self) -> dict:
+    """Every adapter set the server trains, with the bank holding it (one base, or a copy per client)."""
+    srv, banks = self.server, {}
+    for cid in sorted(srv.cuts):
+        banks.setdefault(srv.body_adapter(cid), srv.views[cid][1] if hasattr(srv, "views") else self.s.bank)
+    return banks
+
+def save_checkpoint(self, t0: float) -> None:
+    srv, banks = self.server, server_banks(self)
+    state = {
+        "version": 2, "next_round": self.next_round, "session": self.session,
+        "global": srv.global_state, "server_round": srv.round,
+        "cuts": dict(srv.cuts), "cuts_by_round": self.fleet.history,
+        "adapters": {n: bank.state(n) for n, bank in banks.items()},
+        "optimizers": {n: srv.optimizers[n].state_dict() for n in banks},
+        "losses": self.losses, "val_losses": self.val_losses, "train_losses": self.train_losses,
+        "init_loss": self.init_loss, "drops": self.drops, "resumed_at": self.resumed_at,
+        "wall_s": self.wall_before + time.perf_counter() - t0,
+        "stats": {cid: dict(vars(st)) for cid, st in self.stats.items()},
+        "reuse": {"threshold": self.reuse.threshold, "by_epoch": self.reuse.by_epoch,
+                  "marks": [self.reuse._full, self.reuse._reuse, self.reuse._saved, self.reuse._act]},
+        "counters": {name: [[s, d, n, getattr(self.counters, name).messages[(s, d)]]
+                            for (s, d), n in getattr(self.counters, name).by_stream_dir.items()]
+                     for name in ("serde", "wire")},
+        "grpc_bytes": dict(self.counters.grpc),
+        "metrics_bytes": (self.out / "metrics.jsonl").stat().st_size,
+    }
+    tmp = self.out / f"{CHECKPOINT}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, self.out / CHECKPOINT)
+
+def load_checkpoint(self) -> None:
+    path = self.out / CHECKPOINT
+    if not path.is_file():
+        raise UserError("no checkpoint to resume from (the run had not started training)", where=str(path))
+    st = torch.load(path, weights_only=True)
+    srv, bank = self.server, self.s.bank
+    srv.global_state = dict(st["global"])
+    bank.load(GLOBAL, srv.global_state)
+    for cid, cut in st.get("cuts", {}).items():  # before the adapters: a cut decides which blocks the server holds
+        srv.set_cut(int(cid), cut)
+    self.fleet.cuts = [srv.cuts[c] for c in sorted(srv.cuts)]
+    self.fleet.history = st.get("cuts_by_round", [list(self.fleet.cuts)])
+    banks = server_banks(self)
+    for name, state in st["adapters"].items():
+        banks[name].load(name, state)
+        srv.optimizers[name].load_state_dict(st["optimizers"][name])
+    srv.round, self.next_round = st["server_round"], st["next_round"]
+    self.losses, self.val_losses, self.train_losses = st["losses"], st["val_losses"], st["train_losses"]
+    self.init_loss, self.drops = st["init_loss"], st["drops"]
+    self.resumed_at = [*st["resumed_at"], self.next_round]
+    self.wall_before = st["wall_s"]
+    for cid, values in st["stats"].items():
+        vars(self.stats[int(cid)]).update(values)
+    self.reuse.threshold, self.reuse.by_epoch = st["reuse"]["threshold"], st["reuse"]["by_epoch"]
+    self.reuse._full, self.reuse._reuse, self.reuse._saved, self.reuse._act = st["reuse"]["marks"]
+    for name, rows in st["counters"].items():
+        counter = getattr(self.counters, name)
+        for s, d, n, m in rows:
+            counter.by_stream_dir[(s, d)], counter.messages[(s, d)] = n, m
+    self.counters.grpc.update(st["grpc_bytes"])
+    with open(self.out / "metrics.jsonl", "r+b") as fh:  # forget what the lost round logged
+        fh.truncate(st["metrics_bytes"])
+    if self.cfg.compression.temporal.enabled:
+        log.warning("resuming with temporal reuse: its caches restart empty, so the result is correct but "
+                    "not bit-identical to an uninterrupted run")
+    log.info("resuming %s at round %d of %d", self.out, self.next_round, len(self.plan))
+
+def reuse_by_stream(self) -> dict[str, float]:
+    """ReuseControl.by_stream with act_up counted from the clients' reported uploads."""
+    counts = dict(self.server.reuse_by_stream())
+    counts["act_up"] = (sum(st.sent_full for st in self.stats.values()),
+                        sum(st.sent_reuse for st in self.stats.values()))
+    return {k: r / max(f + r, 1) for k, (f, r) in sorted(counts.items())}
+
+def summary(self, t0: float) -> dict:
+    cfg, s, serde_c, wire = self.cfg, self.s, self.counters.serde, self.counters.wire
+    temporal_on = cfg.compression.temporal.enabled
+    agent = self.reuse.save(self.out)
+    return {
+        "model": cfg.model.name, "mode": cfg.federation.mode, "num_clients": cfg.federation.num_clients,
+        "epochs": cfg.train.epochs, "rounds": len(self.plan), "split_mode": cfg.split.mode,
+        "cut_layer": cfg.split.cut_layer, "tail_layers": tail_layers(cfg),
+        "num_layers": s.split.num_layers, "hidden_size": s.split.hidden_size, "train_samples": len(s.train),
+        "client_samples": [len(p) for p in s.partitions],
+        "train_tokens": sum(st.tokens_forwarded for st in self.stats.values()),
+        **serde_c.snapshot(),
+        "initial_val_loss": self.init_loss, "val_loss": self.val_losses[-1],
+        "val_ppl": math.exp(min(self.val_losses[-1], 50.0)), "val_loss_by_epoch": self.val_losses,
+        "train_loss_by_epoch": self.train_losses,
+        "wall_s": self.wall_before + time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
+        "reuse_ratio": self.reuse.reuse_ratio,
+        "reuse_ratio_by_epoch": [r["reuse_ratio"] for r in self.reuse.by_epoch],
+        "reuse_ratio_by_stream": reuse_by_stream(self),
+        "threshold_by_epoch": [r["threshold"] if temporal_on else None for r in self.reuse.by_epoch],
+        "client_cache_bytes": sum(st.cache_bytes for st in self.stats.values()),
+        "server_cache_bytes": self.server.cache_bytes,
+        "server_state_bytes": self.server.state_bytes()["total"], "server_state": self.server.state_bytes(),
+        "cuts": [self.server.cuts[c] for c in sorted(self.server.cuts)], "cuts_by_round": self.fleet.history,
+        **({"ddpg_agent": agent} if agent else {}),
+        # deployment only
+        "transport": "grpc", "schedule": cfg.federation.schedule,
+        "wire_bytes_up": wire.up, "wire_bytes_down": wire.down, "wire_bytes_by_stream": wire.by_stream(),
+        "envelope_bytes": wire.up + wire.down - serde_c.up - serde_c.down,
+        "grpc_message_bytes": dict(self.counters.grpc),
+        "dropped": self.drops, "resumed_at_rounds": self.resumed_at,
+    }
+

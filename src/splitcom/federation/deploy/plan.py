@@ -1,0 +1,104 @@
+"""The plan of rounds, the same on the server and on every client, and what both sides share."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from splitcom.config import Config
+from splitcom.errors import UserError
+from splitcom.federation.fleet import Fleet
+from splitcom.federation.setup import Setup
+
+log = logging.getLogger("splitcom.deploy")
+PREPARE_LOCK = threading.Lock()  # prepare() seeds torch's global RNG: one at a time per process
+CHECKPOINT = "checkpoint.pt"
+
+def fault(name: str) -> int | None:
+    value = os.environ.get(f"SPLITCOM_FAULT_{name}")
+    return int(value) if value else None
+
+
+
+@dataclass(frozen=True)
+class RoundSpec:
+    index: int
+    epoch: int
+    first_step: int  # step indices [first_step, end_step) of the epoch
+    end_step: int
+    global_step0: int  # global step number of first_step
+    ends_epoch: bool
+
+    def global_step(self, step: int) -> int:
+        return self.global_step0 + step - self.first_step
+
+
+def round_plan(epochs: int, steps_per_epoch: int, every: str | int) -> list[RoundSpec]:
+    """Simulation's aggregation points: every ``every`` step indices (restarting each epoch) and at
+    each epoch end (see simulation.run)."""
+    rounds: list[RoundSpec] = []
+    g = 0
+    for epoch in range(1, epochs + 1):
+        start, g_start = 0, g
+        for step in range(steps_per_epoch):
+            g += 1
+            if isinstance(every, int) and step + 1 - start >= every:
+                rounds.append(RoundSpec(len(rounds), epoch, start, step + 1, g_start, step + 1 == steps_per_epoch))
+                start, g_start = step + 1, g
+        if start < steps_per_epoch:
+            rounds.append(RoundSpec(len(rounds), epoch, start, steps_per_epoch, g_start, True))
+    return rounds
+
+
+def batches_per_client(s: Setup) -> list[int]:
+    return [math.ceil(len(p) / s.cfg.train.batch_size) for p in s.partitions]
+
+
+def partition_digest(s: Setup, cid: int) -> bytes:
+    h = hashlib.sha256()
+    for i in s.partitions[cid]:
+        ids = np.asarray(s.train[i].ids, dtype="<i4")
+        h.update(len(ids).to_bytes(4, "little") + ids.tobytes())
+    return h.digest()
+
+
+def client_cuts(s: Setup) -> list[int]:
+    """Each client's cut, as simulation chooses it (fixed, or memory_fit on the configured devices)."""
+    return list(Fleet(s).cuts)
+
+
+def forget_summaries(ends) -> None:
+    """Empty the temporal senders of these stream ends: after a (re)join the receiving side may not hold
+    what they remember, so every sample goes FULL once more."""
+    for end in ends:
+        sender = getattr(end, "sender", None)
+        if sender is not None:
+            sender.summaries.clear()
+            sender.streak.clear()
+            sender.last_similarity.clear()
+
+
+def check_deployable(cfg: Config) -> None:
+    if cfg.federation.mode != "sfl":
+        raise UserError("deployment runs split federated training only (`sfl`)", where="federation.mode")
+    if cfg.federation.min_clients > cfg.federation.num_clients:
+        raise UserError(f"must be <= federation.num_clients ({cfg.federation.num_clients})",
+                        where="federation.min_clients")
+
+
+class DeployError(Exception):
+    """Ends a client or server process with ``exit_code`` and a one-line message."""
+
+    exit_code = 4
+
+
+class AuthFailure(DeployError):
+    exit_code = 3
+
+
