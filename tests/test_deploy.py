@@ -270,7 +270,7 @@ def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
     ({"split.mode": "ushape", "split.tail_layers": 1, "compression.temporal.enabled": True,
       "compression.temporal.threshold": 0.3, "compression.codec": "int8", "compression.grad_codec": "int8",
       "compression.temporal.streams": ["act_up", "act_down", "grad_up", "grad_down"],
-      "model.lora.cut_rank": 2}, "ushape"),
+      "model.lora.cut_rank": 2, "compression.adapter_codec": "int8"}, "ushape"),
     ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2}, "adaptive"),
 ])
 def test_in_process_deployment(tmp_path, over, exact):

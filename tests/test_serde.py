@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitcom.compress.codecs import get_codec
+from splitcom.compress.codecs import CODECS, get_codec
 from splitcom.errors import ProtocolError
 from splitcom.protocol import serde
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, SampleTensor, Stream, TensorMsg
@@ -38,6 +38,26 @@ def test_other_messages_round_trip():
     assert (back.stream, back.client_id, back.round, back.weight) == (ad.stream, 2, 3, 17.0)
     for k, v in ad.tensors.items():
         assert torch.equal(back.tensors[k], v)
+
+
+@pytest.mark.parametrize("codec,bound", [("fp32", 0.0), ("bf16", 2**-8), ("int8", 1 / 254), ("int4", 1 / 14)])
+def test_adapter_codecs_size_and_error(codec, bound):
+    """Adapter matrices travel through the same codecs; LoRA B ([out, r]) is sent transposed so each
+    per-row scale covers a long row. Size: 12-byte extension, then per tensor name + dims + codec bytes."""
+    a, b, z = torch.randn(8, 64), torch.randn(32, 8), torch.zeros(8, 5)
+    msg = AdapterMsg(Stream.adapters_down, 1, 2, 0.0, {"A": a, "B": b, "Z": z}, cut=3, codec=codec)
+    data = serde.encode(msg)
+    c = CODECS[codec]
+    header = 16 + 12 + 3 * (2 + 1 + 1 + 2 * 4)
+    assert len(data) == header + c.nbytes(8, 64) + c.nbytes(8, 32) + c.nbytes(5, 8)
+    back = serde.decode(data)
+    assert (back.cut, back.codec, back.stream) == (3, codec, Stream.adapters_down)
+    for name, t in msg.tensors.items():
+        rowmax = (t.abs().amax(dim=1, keepdim=True) if name != "B" else t.abs().amax(dim=0, keepdim=True))
+        assert back.tensors[name].shape == t.shape
+        assert ((back.tensors[name] - t).abs() <= bound * rowmax + 1e-7).all(), name
+    if codec == "int8":  # B is [32, 8]: sent as [8, 32], 8 scales instead of 32
+        assert c.nbytes(8, 32) < c.nbytes(32, 8)
 
 
 def test_errors_name_the_field():

@@ -172,6 +172,9 @@ class CompressionCfg(_Strict):
     grad_codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
         "fp32", description="Codec of gradients on the wire."
     )
+    adapter_codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
+        "fp32", description="Codec of the LoRA matrices exchanged every round (adapters_up/adapters_down); "
+        "the server averages the decoded uploads and clients load the decoded download.")
     temporal: TemporalCfg = Field(default_factory=TemporalCfg)
 
 

@@ -24,7 +24,7 @@ class SplitClient:
                  samples: list[Sample], *, lr: float, weight_decay: float = 0.0, codec: str = "fp32",
                  grad_codec: str = "fp32", batch_size: int = 8, pad_id: int = 0, seed: int = 0,
                  device: torch.device | str = "cpu", temporal=None, tail_layers: int = 0,
-                 cut_rank: int | None = None):
+                 cut_rank: int | None = None, adapter_codec: str = "fp32"):
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.device = torch.device(device)
@@ -33,7 +33,7 @@ class SplitClient:
         self.adapter = f"c{cid}"
         if self.adapter not in bank.names:
             bank.add_copy(self.adapter)
-        self.lr, self.weight_decay, self.cut_rank = lr, weight_decay, cut_rank
+        self.lr, self.weight_decay, self.cut_rank, self.adapter_codec = lr, weight_decay, cut_rank, adapter_codec
         self.set_cut(cut)
         sends = [Stream.act_up] + ([Stream.grad_up] if self.ushape else [])
         receives = [Stream.grad_down] + ([Stream.act_down] if self.ushape else [])
@@ -123,7 +123,7 @@ class SplitClient:
 
     def push_adapters(self, round_: int) -> None:
         self.channel.send(AdapterMsg(Stream.adapters_up, self.cid, round_, float(self.num_samples),
-                                     self.bank.state(self.adapter, self.layers), self.cut))
+                                     self.bank.state(self.adapter, self.layers), self.cut, self.adapter_codec))
 
     def pull_adapters(self, round_: int) -> None:
         """Load the global adapter for this client's blocks; when the server moved the cut (adaptive cuts),

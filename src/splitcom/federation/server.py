@@ -43,10 +43,11 @@ class SplitServer:
                  weight_decay: float = 0.0, server_adapters: str = "per_client", grad_codec: str = "fp32",
                  device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None,
                  codec: str = "fp32", tail_layers: int = 0, seed: int = 0,
-                 weights: dict[int, float] | None = None, cut_rank: int | None = None):
+                 weights: dict[int, float] | None = None, cut_rank: int | None = None,
+                 adapter_codec: str = "fp32"):
         self.split, self.bank, self.cuts = split, bank, dict(cuts)
         self.cut_rank = None if server_adapters == "shared" else cut_rank  # (prepare refuses shared + cut rank)
-        self.mode, self.device = server_adapters, torch.device(device)
+        self.mode, self.device, self.adapter_codec = server_adapters, torch.device(device), adapter_codec
         # FedAvg weights the server knows (sample counts); a client's claim must match, or one client
         # could dominate the average by claiming a huge weight.
         self.weights = dict(weights) if weights is not None else None
@@ -158,7 +159,7 @@ class SplitServer:
         if msg.kind == "pull_adapters":
             return AdapterMsg(Stream.adapters_down, msg.client_id, self.round, 0.0, truncate_ranks(
                 split_by_layer(self.global_state, self.client_layers(msg.client_id)), self.rank_caps(msg.client_id)),
-                self.cuts[msg.client_id])
+                self.cuts[msg.client_id], self.adapter_codec)
         raise ProtocolError(f"unknown control kind {msg.kind!r}", field="kind")
 
     def _check_upload(self, msg: AdapterMsg) -> None:

@@ -36,7 +36,8 @@ def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
     return SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                        server_adapters=cfg.federation.server_adapters, grad_codec=c.grad_codec, device=s.device,
                        temporal=c.temporal, cache_dir=cache_dir, codec=c.codec, tail_layers=tail_layers(cfg),
-                       seed=cfg.train.seed, weights=weights, cut_rank=cfg.model.lora.cut_rank)
+                       seed=cfg.train.seed, weights=weights, cut_rank=cfg.model.lora.cut_rank,
+                       adapter_codec=c.adapter_codec)
 
 
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
@@ -45,7 +46,8 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
     return SplitClient(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]], lr=t.lr,
                        weight_decay=t.weight_decay, codec=c.codec, grad_codec=c.grad_codec,
                        tail_layers=tail_layers(cfg), batch_size=t.batch_size, pad_id=s.pad_id, seed=t.seed,
-                       device=s.device, temporal=c.temporal, cut_rank=cfg.model.lora.cut_rank)
+                       device=s.device, temporal=c.temporal, cut_rank=cfg.model.lora.cut_rank,
+                       adapter_codec=c.adapter_codec)
 
 
 def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,

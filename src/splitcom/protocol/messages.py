@@ -72,6 +72,7 @@ class AdapterMsg:
     weight: float  # FedAvg weight (the client's sample count)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> fp32 tensor
     cut: int = 0  # the client's cut: up, the one it trained with; down, the one for the next round
+    codec: str = "fp32"  # how the matrices travel (compression.adapter_codec); decoded tensors are fp32
 
 
 @dataclass

@@ -11,9 +11,11 @@ then, by type:
   followed by ``payload_len`` codec bytes (0 for REUSE and SKIP). kind: 0 FULL, 1 REUSE, 2 SKIP.
   So a TENSOR message is 32 + sum_i(17 + payload_i) bytes; fp32 payload_i = T_i * H * 4.
 - LABELS (type 2): per sample: sample_id u64 | length u32, then ``length`` int32 labels.
-- ADAPTER (type 3): stream u8 | weight f64 | cut u16, then per tensor: name_len u16 | name utf-8 |
-  ndim u8 | dims u32 x ndim | fp32 data. ``cut``: the client's cut layer these blocks belong to (up:
-  the cut it trained with; down: its cut for the next round, which adaptive cuts may have moved).
+- ADAPTER (type 3): stream u8 | weight f64 | cut u16 | codec u8, then per tensor: name_len u16 |
+  name utf-8 | ndim u8 | dims u32 x ndim | codec bytes. ``cut``: the client's cut layer these blocks
+  belong to (up: the cut it trained with; down: its cut for the next round, which adaptive cuts may
+  have moved). A tensor is coded as a matrix: [d0, d1*d2*...], transposed when it has more rows than
+  columns (LoRA B is [out, r]), so the integer codecs' per-row scales run along the long side.
 - CONTROL (type 4): kind_len u16 | kind utf-8 | body_len u32 | body JSON utf-8.
 
 Decoding validates every field and raises ProtocolError naming it; it never trusts a length.
@@ -41,10 +43,10 @@ from splitcom.protocol.messages import (
 )
 
 MAGIC = b"SC"
-VERSION = 2  # 2: ADAPTER carries the client's cut
+VERSION = 2  # 2: ADAPTER carries the client's cut and a codec
 HEADER = struct.Struct("<2sBBIII")  # 16 bytes
 TENSOR_EXT = struct.Struct("<BBHId")  # 16 bytes
-ADAPTER_EXT = struct.Struct("<BdH")  # 11 bytes
+ADAPTER_EXT = struct.Struct("<BdHB")  # 12 bytes
 SAMPLE = struct.Struct("<QIBI")  # 17 bytes
 LABEL_SAMPLE = struct.Struct("<QI")  # 12 bytes
 TENSOR_HEADER_BYTES = HEADER.size + TENSOR_EXT.size  # 32
@@ -87,18 +89,31 @@ def encode(msg: Message) -> bytes:
             parts.append(np.asarray(lab, dtype="<i4").tobytes())
     elif isinstance(msg, AdapterMsg):
         count = len(msg.tensors)
-        parts.append(ADAPTER_EXT.pack(int(msg.stream), msg.weight, msg.cut))
+        codec = CODECS[msg.codec]
+        parts.append(ADAPTER_EXT.pack(int(msg.stream), msg.weight, msg.cut, codec.code))
         for name, t in msg.tensors.items():
             raw = name.encode()
             parts.append(struct.pack("<H", len(raw)) + raw + struct.pack("<B", t.dim()))
             parts.append(struct.pack(f"<{t.dim()}I", *t.shape))
-            parts.append(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            rows, cols, transposed = _matrix(tuple(t.shape))
+            m = t.detach().to("cpu", torch.float32).reshape(cols, rows).T if transposed else \
+                t.detach().to("cpu", torch.float32).reshape(rows, cols)
+            parts.append(codec.encode(m.contiguous()))
     else:
         raw_kind, body = msg.kind.encode(), json.dumps(msg.body, separators=(",", ":")).encode()
         count = 0
         parts.append(struct.pack("<H", len(raw_kind)) + raw_kind + struct.pack("<I", len(body)) + body)
     step = msg.round if isinstance(msg, AdapterMsg) else msg.step
     return HEADER.pack(MAGIC, VERSION, kind, msg.client_id, step, count) + b"".join(parts)
+
+
+def _matrix(dims: tuple[int, ...]) -> tuple[int, int, bool]:
+    """How an adapter tensor of shape ``dims`` is coded: (rows, cols, transposed)."""
+    first = dims[0] if dims else 1
+    rest = int(np.prod(dims[1:])) if len(dims) > 1 else 1
+    if len(dims) == 1:
+        first, rest = 1, dims[0]
+    return (rest, first, True) if first > rest else (first, rest, False)
 
 
 class _Reader:
@@ -179,7 +194,8 @@ def _decode_labels(r: _Reader, client_id: int, step: int, count: int) -> LabelsM
 
 
 def _decode_adapter(r: _Reader, client_id: int, step: int, count: int) -> AdapterMsg:
-    stream, weight, cut = r.unpack(ADAPTER_EXT, "adapter_header")
+    stream, weight, cut, code = r.unpack(ADAPTER_EXT, "adapter_header")
+    codec = codec_by_code(code)
     stream = _stream(stream, {Stream.adapters_up, Stream.adapters_down}, "stream")
     if not math.isfinite(weight) or weight < 0:
         raise ProtocolError(f"weight {weight} is not a finite non-negative number", field="weight")
@@ -192,10 +208,10 @@ def _decode_adapter(r: _Reader, client_id: int, step: int, count: int) -> Adapte
             raise ProtocolError("name is not UTF-8", field=f"tensors[{i}].name") from None
         (ndim,) = r.unpack("<B", f"tensors[{name}].ndim")
         dims = r.unpack(f"<{ndim}I", f"tensors[{name}].dims")
-        numel = int(np.prod(dims)) if dims else 1
-        raw = r.take(4 * numel, f"tensors[{name}].data")
-        tensors[name] = torch.from_numpy(np.frombuffer(raw, dtype="<f4").copy()).reshape(dims)
-    return AdapterMsg(stream, client_id, step, weight, tensors, cut)
+        rows, cols, transposed = _matrix(dims)
+        m = codec.decode(r.take(codec.nbytes(rows, cols), f"tensors[{name}].data"), rows, cols)
+        tensors[name] = (m.T if transposed else m).reshape(dims).contiguous()
+    return AdapterMsg(stream, client_id, step, weight, tensors, cut, codec.name)
 
 
 def _decode_control(r: _Reader, client_id: int, step: int, count: int) -> ControlMsg:
