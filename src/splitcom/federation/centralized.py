@@ -29,8 +29,8 @@ class CentralizedTrainer:
 
     def train_step(self, batch: Batch) -> float:
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(input_ids=batch.input_ids.to(self.device),
-                         attention_mask=batch.attention_mask.to(self.device))
+        out = self.model(input_ids=batch.input_ids.to(self.device),  # no KV cache: training, not decoding
+                         attention_mask=batch.attention_mask.to(self.device), use_cache=False)
         loss = causal_lm_loss(out.logits, batch.labels)
         loss.backward()
         self.optimizer.step()
