@@ -14,6 +14,7 @@ import argparse
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--cuts", nargs="+", type=int, default=[2, 8, 15])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "timemodel.md")
     args = ap.parse_args()
     cfg = build_config({}, [f"model.name={args.model}", "data.max_length=128", "federation.num_clients=1",
                             f"data.max_train_samples={args.batch_size * (args.reps + 1)}", "data.max_eval_samples=1",
@@ -40,9 +42,13 @@ def main() -> None:
     batches = [s.train[i: i + args.batch_size] for i in range(0, len(s.train), args.batch_size)]
     from splitcom.data.tokenize import collate
 
-    print(f"{torch.get_num_threads()} threads; {args.model}; batch {args.batch_size}; cpu-2core profile "
-          f"{clock.devices[0].flops / 1e9:.1f} GFLOP/s")
+    title = (f"{torch.get_num_threads()} threads; {args.model}; batch {args.batch_size}; cpu-2core profile "
+             f"{clock.devices[0].flops / 1e9:.1f} GFLOP/s")
+    print(title)
     print(f"{'cut':>4} {'phase':<22} {'measured s':>11} {'predicted s':>12} {'error':>8}")
+    md = ["# Time model against measured CPU times", "", f"This machine, {title}; median of {args.reps} "
+          "batches per phase; error = predicted / measured - 1.", "",
+          "| cut | phase | measured s | predicted s | error |", "| ---: | --- | ---: | ---: | ---: |"]
     for cut in args.cuts:
         s.bank.activate("default", range(s.split.num_layers))
         meas = {"client forward": [], "server fwd+bwd": [], "client backward": []}
@@ -71,7 +77,12 @@ def main() -> None:
             m, p = statistics.median(meas[k]), statistics.median(pred[k])
             tot_m, tot_p = tot_m + m, tot_p + p
             print(f"{cut:>4} {k:<22} {m:>11.3f} {p:>12.3f} {100 * (p / m - 1):>+7.1f}%")
+            md.append(f"| {cut} | {k} | {m:.3f} | {p:.3f} | {100 * (p / m - 1):+.1f} % |")
         print(f"{cut:>4} {'whole step':<22} {tot_m:>11.3f} {tot_p:>12.3f} {100 * (tot_p / tot_m - 1):>+7.1f}%")
+        md.append(f"| {cut} | **whole step** | {tot_m:.3f} | {tot_p:.3f} | {100 * (tot_p / tot_m - 1):+.1f} % |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(md) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
