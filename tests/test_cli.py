@@ -28,6 +28,10 @@ def _err(result):
     (["--set", "data.dataset=foo"], "data.dataset"),
     (["--set", "federation.num_clients=20"], "federation.num_clients"),
     (["--config", "/nonexistent.yaml"], "/nonexistent.yaml"),
+    (["--set", "model.lora.cut_rank=9"], "model.lora.cut_rank"),
+    (["--set", "model.lora.cut_rank=2", "--set", "federation.server_adapters=shared"],
+     "model.lora.cut_rank, federation.server_adapters"),
+    (["--resume"], "checkpoint.pt"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     text = _err(runner.invoke(app, ["run", *FAST, *args, "--out", str(tmp_path)]))

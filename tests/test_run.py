@@ -109,3 +109,50 @@ def test_tensorboard_scalars(tmp_path):
     tags = acc.Tags()["scalars"]
     assert {"eval/val_loss", "step/loss", "eval/bytes_by_stream/act_up"} <= set(tags)
     assert [e.step for e in acc.Scalars("eval/val_loss")] == [0, 1]
+
+
+VOLATILE = {"wall_s", "peak_rss_bytes"}
+
+
+@pytest.mark.parametrize("over,exact", [
+    ({}, True),
+    ({"federation.mode": "centralized"}, True),
+    ({"split.cut_policy": "adaptive", "federation.num_clients": 4, "model.lora.cut_rank": 2,
+      "federation.aggregate_every": 2}, True),
+    ({"compression.temporal.enabled": True, "compression.temporal.controller": "bangbang",
+      "compression.temporal.bangbang.aggressive": 0.3, "compression.temporal.bangbang.conservative": 0.6}, False),
+])
+def test_resume_after_a_crash(tmp_path, monkeypatch, over, exact):
+    """A run that dies after epoch 1 goes on from its checkpoint: no finished epoch is lost, and without
+    temporal reuse (whose caches restart empty) it ends exactly where an uninterrupted run ends."""
+    cfg = tiny_cfg(**{"train.epochs": 3, **over})
+    full = run(cfg, tmp_path / "full", progress=False)
+    monkeypatch.setenv("SPLITCOM_FAULT_RUN_EXIT_AFTER_EPOCHS", "1")
+    with pytest.raises(RuntimeError, match="fault injection"):
+        run(cfg, tmp_path / "cut", progress=False)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    monkeypatch.delenv("SPLITCOM_FAULT_RUN_EXIT_AFTER_EPOCHS")
+    resumed = run(cfg, tmp_path / "cut", progress=False, resume=True)
+    events = lambda d: [{k: v for k, v in e.items() if k not in VOLATILE}  # noqa: E731
+                        for e in read_metrics(d / "metrics.jsonl")]
+    assert len(events(tmp_path / "cut")) == len(events(tmp_path / "full"))
+    assert resumed["rounds"] == full["rounds"] and len(resumed["val_loss_by_epoch"]) == 3
+    if exact:
+        assert {k: v for k, v in resumed.items() if k not in VOLATILE} == \
+            {k: v for k, v in full.items() if k not in VOLATILE}
+        assert events(tmp_path / "cut") == events(tmp_path / "full")
+        a = (tmp_path / "full" / "adapter" / "adapter_model.safetensors").read_bytes()
+        assert (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes() == a
+    else:  # correct, not bit-identical: reuse caches restarted empty, so epoch 2 sends FULL again
+        assert math.isfinite(resumed["val_loss"]) and resumed["val_loss"] < resumed["initial_val_loss"]
+        assert resumed["threshold_by_epoch"] == full["threshold_by_epoch"]
+
+
+def test_resume_needs_a_checkpoint_and_the_same_config(tmp_path):
+    from splitcom.errors import UserError
+
+    with pytest.raises(UserError, match="checkpoint.pt"):
+        run(tiny_cfg(), tmp_path, progress=False, resume=True)
+    run(tiny_cfg(**{"train.epochs": 1}), tmp_path, progress=False)
+    with pytest.raises(UserError, match="config.yaml"):
+        run(tiny_cfg(**{"train.epochs": 1, "train.lr": 0.5}), tmp_path, progress=False, resume=True)

@@ -32,6 +32,8 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: dotted.key=value (repeatable).")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("runs/latest"),
     progress: Annotated[bool, typer.Option(help="Live progress display.")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Go on from OUT/checkpoint.pt (written after every "
+                                         "epoch) with OUT/config.yaml.")] = False,
 ) -> None:
     """Simulate split federated fine-tuning (or the centralized baseline) on one machine."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -39,10 +41,12 @@ def run(
         from splitcom.config import load_config
         from splitcom.federation.simulation import run as run_sim
 
-        cfg = load_config(config, set_ or [])
+        if resume and not (out / "checkpoint.pt").is_file():
+            raise UserError("no checkpoint to resume from (no epoch had finished)", where=str(out / "checkpoint.pt"))
+        cfg = load_config(out / "config.yaml" if resume and config is None else config, set_ or [])
         if not progress:
             cfg.logging.progress = False
-        summary = run_sim(cfg, out, progress=cfg.logging.progress and sys.stderr.isatty())
+        summary = run_sim(cfg, out, progress=cfg.logging.progress and sys.stderr.isatty(), resume=resume)
     except UserError as err:
         _fail(err)
     mb = lambda n: f"{n / 1e6:.2f} MB"  # noqa: E731

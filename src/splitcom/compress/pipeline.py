@@ -59,6 +59,17 @@ class Outgoing:
         return self.sent_reuse / max(self.sent_full + self.sent_reuse, 1)
 
 
+def end_counts(ends: dict) -> dict[str, list[int]]:
+    """The FULL/REUSE/bytes-saved counters of some outgoing stream ends (for a checkpoint)."""
+    return {s.name: [e.sent_full, e.sent_reuse, e.bytes_saved] for s, e in ends.items() if isinstance(e, Outgoing)}
+
+
+def set_end_counts(ends: dict, counts: dict[str, list[int]]) -> None:
+    for s, e in ends.items():
+        if s.name in counts:
+            e.sent_full, e.sent_reuse, e.bytes_saved = counts[s.name]
+
+
 class Incoming:
     def __init__(self, stream: Stream, hidden: int, *, reuse: bool = False, store: str = "memory",
                  directory: str | None = None):

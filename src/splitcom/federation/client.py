@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from splitcom.compress.pipeline import stream_ends
+from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
 from splitcom.data.tokenize import Batch, Sample, collate
 from splitcom.models.adapters import AdapterBank, rank_caps
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
@@ -120,6 +120,21 @@ class SplitClient:
     @property
     def cache_bytes(self) -> int:
         return sum(e.cache_bytes for e in [*self.out.values(), *self.inc.values()])
+
+    def state_dict(self) -> dict:
+        """What a restarted client needs at a round boundary (its adapter is the global one there, but a
+        shared bank or a cut rank makes its own copy the safe thing to keep)."""
+        return {"cut": self.cut, "adapter": self.bank.state(self.adapter, self.layers),
+                "optimizer": self.optimizer.state_dict(), "labels_sent": sorted(self.labels_sent),
+                "tokens_forwarded": self.tokens_forwarded, "ends": end_counts(self.out)}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.set_cut(st["cut"])
+        self.bank.load(self.adapter, st["adapter"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.labels_sent = set(st["labels_sent"])
+        self.tokens_forwarded = st["tokens_forwarded"]
+        set_end_counts(self.out, st["ends"])
 
     def push_adapters(self, round_: int) -> None:
         self.channel.send(AdapterMsg(Stream.adapters_up, self.cid, round_, float(self.num_samples),

@@ -65,6 +65,27 @@ class ReuseControl:
                 counts[stream.name] = (full + end.sent_full, reuse + end.sent_reuse)
         return {k: r / max(f + r, 1) for k, (f, r) in sorted(counts.items())}
 
+    def state_dict(self) -> dict:
+        """Threshold, history and the controller's plain state (bang-bang's level and references). A DDPG
+        agent is saved on its own (``save``) and warm-started from that file."""
+        simple = (int, float, str, bool, type(None))
+        ctrl = {k: v for k, v in vars(self.controller).items() if isinstance(v, simple)} \
+            if self.controller is not None and self.cfg.controller != "ddpg" else {}
+        return {"threshold": self.threshold, "by_epoch": self.by_epoch, "controller": ctrl,
+                "marks": [self._full, self._reuse, self._saved, self._act]}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.threshold, self.by_epoch = st["threshold"], list(st["by_epoch"])
+        self._full, self._reuse, self._saved, self._act = st["marks"]
+        if self.controller is not None:
+            vars(self.controller).update(st["controller"])
+
+    def save_agent(self, path: Path) -> str | None:
+        """The DDPG agent (with its replay buffer) to ``path``; nothing for the other controllers."""
+        if self.controller is None or self.cfg.controller != "ddpg":
+            return None
+        return self.controller.save(path)
+
     def save(self, out: Path) -> str | None:
         if self.controller is None or self.cfg.controller != "ddpg":
             return None

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from splitcom.compress.pipeline import stream_ends
+from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
 from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
 from splitcom.evaluate.perplexity import evaluate_loss
@@ -296,6 +296,39 @@ class SplitServer:
                     for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
         return {"parameters": params, "optimizer": optim, "caches": self.cache_bytes,
                 "total": params + optim + self.cache_bytes}
+
+    # ---- checkpoint ------------------------------------------------------------------------------
+    def banks(self) -> dict[str, AdapterBank]:
+        """Every adapter set the server trains, with the bank holding it (one base, or a copy per client)."""
+        out: dict[str, AdapterBank] = {}
+        for cid in sorted(self.cuts):
+            out.setdefault(self.body_adapter(cid), self.views[cid][1])
+        return out
+
+    def state_dict(self) -> dict:
+        """What a restarted server needs to go on from a round boundary: cuts, the global adapter, every
+        adapter set it trains with its optimizer state, the round, labels and stream counters. (Temporal
+        caches are not kept: after a restart both sides start them afresh, which is correct.)"""
+        with self._lock:
+            banks = self.banks()
+            return {"cuts": dict(self.cuts), "global": self.global_state, "round": self.round,
+                    "adapters": {n: b.state(n) for n, b in banks.items()},
+                    "optimizers": {n: self.optimizers[n].state_dict() for n in banks},
+                    "labels": self.labels, "ends": {cid: end_counts(self.out[cid]) for cid in self.cuts}}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.global_state = dict(st["global"])
+        self.bank.load(GLOBAL, self.global_state)
+        for cid, cut in st["cuts"].items():  # before the adapters: a cut decides which blocks are held
+            self.set_cut(int(cid), cut)
+        banks = self.banks()
+        for name, state in st["adapters"].items():
+            banks[name].load(name, state)
+            self.optimizers[name].load_state_dict(st["optimizers"][name])
+        self.round = st["round"]
+        self.labels.update({int(k): dict(v) for k, v in st.get("labels", {}).items()})
+        for cid, counts in st.get("ends", {}).items():
+            set_end_counts(self.out[int(cid)], counts)
 
     # ---- rounds -----------------------------------------------------------------------------
     def aggregate(self) -> dict[str, torch.Tensor]:

@@ -1,16 +1,24 @@
 """``run(cfg)``: the rounds loop on one machine. Clients step in turn per batch over the in-process
 transport (same serde and byte counts as gRPC); adapters are aggregated every round; the global
-adapter is validated every epoch. Writes OUT/config.yaml, metrics.jsonl, summary.json, adapter/."""
+adapter is validated every epoch. Writes OUT/config.yaml, metrics.jsonl, summary.json, adapter/, and
+OUT/checkpoint.pt after every epoch, from which ``run(..., resume=True)`` goes on after a crash: a
+finished epoch is never lost. Without temporal reuse (whose caches are not kept and restart empty, which
+is correct) and without DDPG (warm-started from its saved agent) the resumed run ends exactly where an
+uninterrupted one does."""
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import time
 from pathlib import Path
 
+import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from splitcom.config import Config, dump_config
+from splitcom.config import Config, dump_config, load_config
+from splitcom.errors import UserError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.client import SplitClient
@@ -19,7 +27,7 @@ from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
 from splitcom.federation.setup import Setup, prepare, tail_layers
 from splitcom.models.adapters import GLOBAL
-from splitcom.runlog import RunLog, peak_rss_bytes, write_json
+from splitcom.runlog import RunLog, atomic_save, peak_rss_bytes, write_json
 from splitcom.transport.counters import ByteCounter
 from splitcom.transport.inprocess import InProcessChannel
 
@@ -59,13 +67,35 @@ def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
     return server, clients
 
 
-def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
+CHECKPOINT = "checkpoint.pt"
+DDPG_CHECKPOINT = "checkpoint-ddpg.zip"
+log_ = logging.getLogger("splitcom.run")
+
+
+def load_checkpoint(out: Path, cfg: Config) -> dict:
+    path = out / CHECKPOINT
+    if not path.is_file():
+        raise UserError("no checkpoint to resume from (no epoch had finished)", where=str(path))
+    same = lambda a, b: a.model_dump(exclude={"logging"}) == b.model_dump(exclude={"logging"})  # noqa: E731
+    if (out / "config.yaml").is_file() and not same(load_config(out / "config.yaml"), cfg):
+        raise UserError("the config differs from the run's own config.yaml (resume takes it as it is)",
+                        where=str(out / "config.yaml"))
+    return torch.load(path, weights_only=True)
+
+
+def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = False) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    t0 = time.perf_counter()
+    ckpt = load_checkpoint(out, cfg) if resume else None
+    if ckpt is None:
+        (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    t0 = time.perf_counter() - (ckpt["wall_s"] if ckpt else 0.0)
     s = prepare(cfg)
-    log = RunLog(out / "metrics.jsonl", tensorboard=out / "tensorboard" if cfg.logging.tensorboard else None)
+    if ckpt is not None:
+        with open(out / "metrics.jsonl", "r+b") as fh:  # forget what the lost epoch logged
+            fh.truncate(ckpt["metrics_bytes"])
+    log = RunLog(out / "metrics.jsonl", append=ckpt is not None,
+                 tensorboard=out / "tensorboard" if cfg.logging.tensorboard else None)
     counter = ByteCounter()
     sfl = cfg.federation.mode == "sfl"
     if sfl:
@@ -74,8 +104,11 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
                                     else None, dict(enumerate(fleet.cuts)))
         for c in workers:
             c.join()
-        reuse = ReuseControl(cfg.compression.temporal, workers, s.split.hidden_size, cfg.train.epochs,
-                             cfg.train.seed, server)
+        temporal = cfg.compression.temporal
+        if ckpt is not None and temporal.enabled and temporal.controller == "ddpg":  # warm start
+            temporal = temporal.model_copy(update={"ddpg": temporal.ddpg.model_copy(
+                update={"load": str(out / DDPG_CHECKPOINT)})})
+        reuse = ReuseControl(temporal, workers, s.split.hidden_size, cfg.train.epochs, cfg.train.seed, server)
     else:
         workers = [CentralizedTrainer(s.split.model, s.bank, s.train, lr=cfg.train.lr,
                                       weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size,
@@ -111,15 +144,55 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
         log.write("round", round=rounds, epoch=epoch, **counter.snapshot(),
                   **({"cuts": list(fleet.cuts), "simulated_s": fleet.clock.now} if sfl else {}))
 
-    init_loss, _ = validate(0)
+    def checkpoint(epoch: int) -> None:
+        state = {"version": 1, "epoch": epoch, "rounds": rounds, "global_step": global_step,
+                 "init_loss": init_loss, "val_losses": val_losses, "train_losses": train_losses,
+                 "wall_s": time.perf_counter() - t0, "metrics_bytes": (out / "metrics.jsonl").stat().st_size,
+                 "counter": counter.state_dict(), "rng": torch.get_rng_state()}
+        if sfl:
+            state.update(server=server.state_dict(), clients=[c.state_dict() for c in workers],
+                         reuse=reuse.state_dict(), simulated_by_epoch=simulated_by_epoch,
+                         fleet={"cuts": fleet.cuts, "history": fleet.history, "now": fleet.clock.now,
+                                "makespans": fleet.clock.step_makespans})
+            reuse.save_agent(out / DDPG_CHECKPOINT)
+        else:
+            state.update(central={"adapter": s.bank.state(GLOBAL), "optimizer": workers[0].optimizer.state_dict(),
+                                  "tokens_forwarded": workers[0].tokens_forwarded})
+        atomic_save(state, out / CHECKPOINT)
+        if os.environ.get("SPLITCOM_FAULT_RUN_EXIT_AFTER_EPOCHS") == str(epoch):
+            raise RuntimeError(f"fault injection: the run stops after epoch {epoch}")
+
     simulated_by_epoch: list[float] = []
     val_losses, train_losses = [], []
     every = cfg.federation.aggregate_every
     plans = [len(w.epoch_batches(1)) for w in workers]
-    global_step = 0
+    global_step, first_epoch = 0, 1
+    if ckpt is None:
+        init_loss, _ = validate(0)
+    else:  # go on from the last finished epoch
+        first_epoch, rounds, global_step = ckpt["epoch"] + 1, ckpt["rounds"], ckpt["global_step"]
+        init_loss, val_losses, train_losses = ckpt["init_loss"], ckpt["val_losses"], ckpt["train_losses"]
+        counter.load_state_dict(ckpt["counter"])
+        torch.set_rng_state(ckpt["rng"])
+        if sfl:
+            server.load_state_dict(ckpt["server"])
+            for c, st in zip(workers, ckpt["clients"], strict=True):
+                c.load_state_dict(st)
+                c.channel.take_bytes()  # the join above is not part of the interrupted run's clock
+            reuse.load_state_dict(ckpt["reuse"])
+            simulated_by_epoch = ckpt["simulated_by_epoch"]
+            f = ckpt["fleet"]
+            fleet.cuts, fleet.history, fleet.clock.now, fleet.clock.step_makespans = (
+                f["cuts"], f["history"], f["now"], f["makespans"])
+        else:
+            s.bank.load(GLOBAL, ckpt["central"]["adapter"])
+            workers[0].optimizer.load_state_dict(ckpt["central"]["optimizer"])
+            workers[0].tokens_forwarded = ckpt["central"]["tokens_forwarded"]
+        log_.info("resuming %s after epoch %d of %d", out, ckpt["epoch"], cfg.train.epochs)
     with _progress(cfg.logging.progress) as bar:
-        task = bar.add_task("starting", total=cfg.train.epochs * sum(plans))
-        for epoch in range(1, cfg.train.epochs + 1):
+        task = bar.add_task("starting", total=cfg.train.epochs * sum(plans),
+                            completed=(first_epoch - 1) * sum(plans))
+        for epoch in range(first_epoch, cfg.train.epochs + 1):
             if sfl:
                 reuse.begin_epoch(counter.by_stream().get("act_up", 0))
             batches = [w.epoch_batches(epoch) for w in workers]
@@ -157,6 +230,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True) -> dict:
             val_losses.append(val_loss)
             train_losses.append(sum(losses) / len(losses))
             s.bank.model.save_pretrained(str(out / "adapter"), selected_adapters=[GLOBAL])
+            checkpoint(epoch)
     log.close()
     temporal = {}
     if sfl:

@@ -33,5 +33,12 @@ class ByteCounter:
             out[s] += v
         return dict(sorted(out.items()))
 
+    def state_dict(self) -> list[list]:
+        return [[s, d, n, self.messages[(s, d)]] for (s, d), n in self.by_stream_dir.items()]
+
+    def load_state_dict(self, rows: list[list]) -> None:
+        for s, d, n, m in rows:
+            self.by_stream_dir[(s, d)], self.messages[(s, d)] = n, m
+
     def snapshot(self) -> dict:
         return {"bytes_up": self.up, "bytes_down": self.down, "bytes_by_stream": self.by_stream()}

@@ -4,7 +4,6 @@ it), and summary.json. Functions of the ServerDriver ``self``."""
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
@@ -12,70 +11,45 @@ import torch
 from splitcom.errors import UserError
 from splitcom.federation.deploy.plan import CHECKPOINT, log
 from splitcom.federation.setup import tail_layers
-from splitcom.models.adapters import GLOBAL
-from splitcom.runlog import peak_rss_bytes
+from splitcom.runlog import atomic_save, peak_rss_bytes
 
-
-def server_banks(self) -> dict:
-    """Every adapter set the server trains, with the bank holding it (one base, or a copy per client)."""
-    srv, banks = self.server, {}
-    for cid in sorted(srv.cuts):
-        banks.setdefault(srv.body_adapter(cid), srv.views[cid][1] if hasattr(srv, "views") else self.s.bank)
-    return banks
 
 def save_checkpoint(self, t0: float) -> None:
-    srv, banks = self.server, server_banks(self)
     state = {
-        "version": 2, "next_round": self.next_round, "session": self.session,
-        "global": srv.global_state, "server_round": srv.round,
-        "cuts": dict(srv.cuts), "cuts_by_round": self.fleet.history,
-        "adapters": {n: bank.state(n) for n, bank in banks.items()},
-        "optimizers": {n: srv.optimizers[n].state_dict() for n in banks},
+        "version": 3, "next_round": self.next_round, "session": self.session,
+        "server": self.server.state_dict(), "cuts_by_round": self.fleet.history,
         "losses": self.losses, "val_losses": self.val_losses, "train_losses": self.train_losses,
         "init_loss": self.init_loss, "drops": self.drops, "resumed_at": self.resumed_at,
         "wall_s": self.wall_before + time.perf_counter() - t0,
         "stats": {cid: dict(vars(st)) for cid, st in self.stats.items()},
-        "reuse": {"threshold": self.reuse.threshold, "by_epoch": self.reuse.by_epoch,
-                  "marks": [self.reuse._full, self.reuse._reuse, self.reuse._saved, self.reuse._act]},
-        "counters": {name: [[s, d, n, getattr(self.counters, name).messages[(s, d)]]
-                            for (s, d), n in getattr(self.counters, name).by_stream_dir.items()]
-                     for name in ("serde", "wire")},
+        "reuse": self.reuse.state_dict(),
+        "counters": {name: getattr(self.counters, name).state_dict() for name in ("serde", "wire")},
         "grpc_bytes": dict(self.counters.grpc),
         "metrics_bytes": (self.out / "metrics.jsonl").stat().st_size,
     }
-    tmp = self.out / f"{CHECKPOINT}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, self.out / CHECKPOINT)
+    atomic_save(state, self.out / CHECKPOINT)
+
 
 def load_checkpoint(self) -> None:
     path = self.out / CHECKPOINT
     if not path.is_file():
         raise UserError("no checkpoint to resume from (the run had not started training)", where=str(path))
     st = torch.load(path, weights_only=True)
-    srv, bank = self.server, self.s.bank
-    srv.global_state = dict(st["global"])
-    bank.load(GLOBAL, srv.global_state)
-    for cid, cut in st.get("cuts", {}).items():  # before the adapters: a cut decides which blocks the server holds
-        srv.set_cut(int(cid), cut)
-    self.fleet.cuts = [srv.cuts[c] for c in sorted(srv.cuts)]
-    self.fleet.history = st.get("cuts_by_round", [list(self.fleet.cuts)])
-    banks = server_banks(self)
-    for name, state in st["adapters"].items():
-        banks[name].load(name, state)
-        srv.optimizers[name].load_state_dict(st["optimizers"][name])
-    srv.round, self.next_round = st["server_round"], st["next_round"]
+    if st.get("version") != 3:
+        raise UserError(f"checkpoint format {st.get('version')} is not this version's (3)", where=str(path))
+    self.server.load_state_dict(st["server"])
+    self.fleet.cuts = [self.server.cuts[c] for c in sorted(self.server.cuts)]
+    self.fleet.history = st["cuts_by_round"]
+    self.next_round = st["next_round"]
     self.losses, self.val_losses, self.train_losses = st["losses"], st["val_losses"], st["train_losses"]
     self.init_loss, self.drops = st["init_loss"], st["drops"]
     self.resumed_at = [*st["resumed_at"], self.next_round]
     self.wall_before = st["wall_s"]
     for cid, values in st["stats"].items():
         vars(self.stats[int(cid)]).update(values)
-    self.reuse.threshold, self.reuse.by_epoch = st["reuse"]["threshold"], st["reuse"]["by_epoch"]
-    self.reuse._full, self.reuse._reuse, self.reuse._saved, self.reuse._act = st["reuse"]["marks"]
+    self.reuse.load_state_dict(st["reuse"])
     for name, rows in st["counters"].items():
-        counter = getattr(self.counters, name)
-        for s, d, n, m in rows:
-            counter.by_stream_dir[(s, d)], counter.messages[(s, d)] = n, m
+        getattr(self.counters, name).load_state_dict(rows)
     self.counters.grpc.update(st["grpc_bytes"])
     with open(self.out / "metrics.jsonl", "r+b") as fh:  # forget what the lost round logged
         fh.truncate(st["metrics_bytes"])
@@ -84,12 +58,14 @@ def load_checkpoint(self) -> None:
                     "not bit-identical to an uninterrupted run")
     log.info("resuming %s at round %d of %d", self.out, self.next_round, len(self.plan))
 
+
 def reuse_by_stream(self) -> dict[str, float]:
     """ReuseControl.by_stream with act_up counted from the clients' reported uploads."""
     counts = dict(self.server.reuse_by_stream())
     counts["act_up"] = (sum(st.sent_full for st in self.stats.values()),
                         sum(st.sent_reuse for st in self.stats.values()))
     return {k: r / max(f + r, 1) for k, (f, r) in sorted(counts.items())}
+
 
 def summary(self, t0: float) -> dict:
     cfg, s, serde_c, wire = self.cfg, self.s, self.counters.serde, self.counters.wire
