@@ -153,10 +153,7 @@ class Coordination:
             self._estimate("forward", cid, call.request.forward_s)
             self._estimate("tail", cid, call.request.backward_s)
             self.cond.notify_all()
-        while not call.done.wait(1.0):
-            with self.cond:
-                if self.failed:
-                    raise Rejected("ABORTED", self.failed)
+        self._wait_served(call)
 
     def _second_half(self, call: Call) -> None:
         """U-shape: hand the grad_up of the step being served to the gate that holds the turn."""
@@ -168,10 +165,7 @@ class Coordination:
                                "being served", "header.step")
             rnd.grad_up[cid] = Pending(call, [], g, time.monotonic())
             self.cond.notify_all()
-        while not call.done.wait(1.0):
-            with self.cond:
-                if self.failed:
-                    raise Rejected("ABORTED", self.failed)
+        self._wait_served(call)
 
     def _await_grad_up(self, rnd: RoundState, cid: int, g: int) -> Pending | None:
         """U-shape: wait for the client's grad_up of step ``g`` (None: it was dropped meanwhile)."""
@@ -207,10 +201,7 @@ class Coordination:
             rnd.remaining[cid].clear()  # an upload ends the client's round
             rnd.uploads[cid] = call  # served by the rounds loop, in client order (as simulation pushes)
             self.cond.notify_all()
-        while not call.done.wait(1.0):
-            with self.cond:
-                if self.failed:
-                    raise Rejected("ABORTED", self.failed)
+        self._wait_served(call)
 
     def pull(self, call: Call) -> None:
         r = call.header.step
@@ -232,6 +223,13 @@ class Coordination:
 
 
     # ---- helpers (callers hold self.cond where state is shared) ----------------------------------
+    def _wait_served(self, call: Call) -> None:
+        """Block this gRPC thread until the rounds loop has answered ``call`` (or the run failed)."""
+        while not call.done.wait(1.0):
+            with self.cond:
+                if self.failed:
+                    raise Rejected("ABORTED", self.failed)
+
     def _drop(self, rnd: RoundState, cid: int, reason: str) -> None:
         if cid not in rnd.active:
             return
