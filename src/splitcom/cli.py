@@ -40,9 +40,10 @@ def run(
     try:
         from splitcom.config import load_config
         from splitcom.federation.simulation import run as run_sim
+        from splitcom.runlog import CHECKPOINT
 
-        if resume and not (out / "checkpoint.pt").is_file():
-            raise UserError("no checkpoint to resume from (no epoch had finished)", where=str(out / "checkpoint.pt"))
+        if resume and not (out / CHECKPOINT).is_file():  # before reading OUT/config.yaml
+            raise UserError("no checkpoint to resume from (no epoch had finished)", where=str(out / CHECKPOINT))
         cfg = load_config(out / "config.yaml" if resume and config is None else config, set_ or [])
         if not progress:
             cfg.logging.progress = False

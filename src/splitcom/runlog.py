@@ -12,9 +12,15 @@ class RunLog:
     """metrics.jsonl writer; with ``tensorboard`` set, the same numbers also go to TensorBoard scalars
     (``event/field``, stepped by epoch, or by the running step count for ``step`` events)."""
 
-    def __init__(self, path: Path, append: bool = False, tensorboard: Path | None = None):
+    def __init__(self, path: Path, append: bool = False, tensorboard: Path | None = None,
+                 keep_bytes: int | None = None):
+        """``keep_bytes``: resuming from a checkpoint, keep what was logged up to it and append after it
+        (what the lost part of the run logged is forgotten)."""
         self.path = path
-        self._fh = path.open("a" if append else "w", encoding="utf-8")
+        if keep_bytes is not None:
+            with path.open("r+b") as fh:
+                fh.truncate(keep_bytes)
+        self._fh = path.open("a" if append or keep_bytes is not None else "w", encoding="utf-8")
         self._tb, self._steps = None, 0
         if tensorboard is not None:
             try:
@@ -51,6 +57,9 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+CHECKPOINT = "checkpoint.pt"  # OUT/checkpoint.pt: what `run --resume` and `server --resume` go on from
 
 
 def atomic_save(obj, path: Path) -> None:

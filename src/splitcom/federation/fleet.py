@@ -41,6 +41,14 @@ class Fleet:
         j = self.clock.job(cid, cut, self.tail, tokens, seq, nbytes, nbytes)
         return j.arrival + j.service + j.tail
 
+    def state_dict(self) -> dict:
+        return {"cuts": list(self.cuts), "history": self.history, "now": self.clock.now,
+                "makespans": self.clock.step_makespans}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.cuts, self.history = list(st["cuts"]), [list(h) for h in st["history"]]
+        self.clock.now, self.clock.step_makespans = st["now"], list(st["makespans"])
+
     def adapt(self, scores: list[float]) -> list[int]:
         """SplitFT rule on per-client scores (the client's mean training loss this round; lower is better)."""
         if self.cfg.split.cut_policy != "adaptive":

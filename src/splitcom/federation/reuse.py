@@ -87,6 +87,4 @@ class ReuseControl:
         return self.controller.save(path)
 
     def save(self, out: Path) -> str | None:
-        if self.controller is None or self.cfg.controller != "ddpg":
-            return None
-        return self.controller.save(out / "ddpg_agent.zip")
+        return self.save_agent(out / "ddpg_agent.zip")

@@ -27,7 +27,7 @@ from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
 from splitcom.federation.setup import Setup, prepare, tail_layers
 from splitcom.models.adapters import GLOBAL
-from splitcom.runlog import RunLog, atomic_save, peak_rss_bytes, write_json
+from splitcom.runlog import CHECKPOINT, RunLog, atomic_save, peak_rss_bytes, write_json
 from splitcom.transport.counters import ByteCounter
 from splitcom.transport.inprocess import InProcessChannel
 
@@ -67,7 +67,6 @@ def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
     return server, clients
 
 
-CHECKPOINT = "checkpoint.pt"
 DDPG_CHECKPOINT = "checkpoint-ddpg.zip"
 log_ = logging.getLogger("splitcom.run")
 
@@ -91,10 +90,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     t0 = time.perf_counter() - (ckpt["wall_s"] if ckpt else 0.0)
     s = prepare(cfg)
-    if ckpt is not None:
-        with open(out / "metrics.jsonl", "r+b") as fh:  # forget what the lost epoch logged
-            fh.truncate(ckpt["metrics_bytes"])
-    log = RunLog(out / "metrics.jsonl", append=ckpt is not None,
+    log = RunLog(out / "metrics.jsonl", keep_bytes=ckpt["metrics_bytes"] if ckpt else None,
                  tensorboard=out / "tensorboard" if cfg.logging.tensorboard else None)
     counter = ByteCounter()
     sfl = cfg.federation.mode == "sfl"
@@ -152,8 +148,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
         if sfl:
             state.update(server=server.state_dict(), clients=[c.state_dict() for c in workers],
                          reuse=reuse.state_dict(), simulated_by_epoch=simulated_by_epoch,
-                         fleet={"cuts": fleet.cuts, "history": fleet.history, "now": fleet.clock.now,
-                                "makespans": fleet.clock.step_makespans})
+                         fleet=fleet.state_dict())
             reuse.save_agent(out / DDPG_CHECKPOINT)
         else:
             state.update(central={"adapter": s.bank.state(GLOBAL), "optimizer": workers[0].optimizer.state_dict(),
@@ -181,9 +176,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                 c.channel.take_bytes()  # the join above is not part of the interrupted run's clock
             reuse.load_state_dict(ckpt["reuse"])
             simulated_by_epoch = ckpt["simulated_by_epoch"]
-            f = ckpt["fleet"]
-            fleet.cuts, fleet.history, fleet.clock.now, fleet.clock.step_makespans = (
-                f["cuts"], f["history"], f["now"], f["makespans"])
+            fleet.load_state_dict(ckpt["fleet"])
         else:
             s.bank.load(GLOBAL, ckpt["central"]["adapter"])
             workers[0].optimizer.load_state_dict(ckpt["central"]["optimizer"])

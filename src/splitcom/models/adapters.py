@@ -42,16 +42,18 @@ def rank_caps(cut_rank: int | None, cut: int, tail_start: int | None = None) -> 
     return {b: cut_rank for b in sorted(blocks)}
 
 
+def _rank_axis(name: str) -> int | None:
+    """The axis of a LoRA matrix that runs over rank components: rows of A [r, in], columns of B [out, r]."""
+    return 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
+
+
 def truncate_ranks(state: dict[str, torch.Tensor], caps: dict[int, int]) -> dict[str, torch.Tensor]:
     """The first ``cap`` rank components of the capped blocks' matrices: what goes on the wire."""
     out = {}
     for name, t in state.items():
-        cap = caps.get(layer_index(name))
-        if cap is not None and ".lora_A." in name:
-            t = t[:cap]
-        elif cap is not None and ".lora_B." in name:
-            t = t[:, :cap]
-        out[name] = t.contiguous()
+        cap, axis = caps.get(layer_index(name)), _rank_axis(name)
+        out[name] = t.narrow(axis, 0, min(cap, t.shape[axis])).contiguous() if cap is not None and axis is not None \
+            else t
     return out
 
 
@@ -118,11 +120,9 @@ class AdapterBank:
             return
         with torch.no_grad():
             for n, p in self._named(adapter):
-                cap = caps.get(layer_index(n))
-                if cap is not None and ".lora_A." in n:
-                    p[cap:].zero_()
-                elif cap is not None and ".lora_B." in n:
-                    p[:, cap:].zero_()
+                cap, axis = caps.get(layer_index(n)), _rank_axis(n)
+                if cap is not None and axis is not None and cap < p.shape[axis]:
+                    p.narrow(axis, cap, p.shape[axis] - cap).zero_()
 
     def state(self, adapter: str, layers: Iterable[int] | None = None) -> dict[str, torch.Tensor]:
         """Detached copies of an adapter's LoRA matrices, optionally only for some blocks; capped blocks
@@ -142,17 +142,13 @@ class AdapterBank:
             raise KeyError(f"adapter {adapter!r} has no parameter(s) {sorted(unknown)[:3]}")
         with torch.no_grad():
             for key, value in state.items():
-                param = params[key]
+                param, axis = params[key], _rank_axis(key)
                 if param.shape == value.shape:
                     param.copy_(value)
-                elif ".lora_A." in key and value.dim() == 2 and value.shape[0] < param.shape[0] \
-                        and value.shape[1] == param.shape[1]:
+                elif axis is not None and value.dim() == param.dim() and value.shape[axis] < param.shape[axis] \
+                        and param.narrow(axis, 0, value.shape[axis]).shape == value.shape:
                     param.zero_()
-                    param[: value.shape[0]].copy_(value)
-                elif ".lora_B." in key and value.dim() == 2 and value.shape[1] < param.shape[1] \
-                        and value.shape[0] == param.shape[0]:
-                    param.zero_()
-                    param[:, : value.shape[1]].copy_(value)
+                    param.narrow(axis, 0, value.shape[axis]).copy_(value)
                 else:
                     raise ValueError(f"{key}: shape {tuple(value.shape)} != {tuple(param.shape)}")
         self._mask(adapter)

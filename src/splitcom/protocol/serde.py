@@ -61,16 +61,6 @@ def tensor_msg_bytes(lengths: list[int], hidden: int, bytes_per_value: int = 4) 
     return TENSOR_HEADER_BYTES + sum(SAMPLE_HEADER_BYTES + t * hidden * bytes_per_value for t in lengths)
 
 
-def peek_stream(data: bytes) -> Stream | None:
-    """The stream of a TENSOR message, read from its header without decoding it (None otherwise)."""
-    if len(data) < HEADER.size + TENSOR_EXT.size or data[:2] != MAGIC or data[3] != TYPES[TensorMsg]:
-        return None
-    try:
-        return Stream(data[HEADER.size])
-    except ValueError:
-        return None
-
-
 def encode(msg: Message) -> bytes:
     kind = TYPES[type(msg)]
     parts: list[bytes] = []
@@ -96,9 +86,8 @@ def encode(msg: Message) -> bytes:
             parts.append(struct.pack("<H", len(raw)) + raw + struct.pack("<B", t.dim()))
             parts.append(struct.pack(f"<{t.dim()}I", *t.shape))
             rows, cols, transposed = _matrix(tuple(t.shape))
-            m = t.detach().to("cpu", torch.float32).reshape(cols, rows).T if transposed else \
-                t.detach().to("cpu", torch.float32).reshape(rows, cols)
-            parts.append(codec.encode(m.contiguous()))
+            m = t.detach().to("cpu", torch.float32).reshape((cols, rows) if transposed else (rows, cols))
+            parts.append(codec.encode((m.T if transposed else m).contiguous()))
     else:
         raw_kind, body = msg.kind.encode(), json.dumps(msg.body, separators=(",", ":")).encode()
         count = 0
@@ -109,10 +98,7 @@ def encode(msg: Message) -> bytes:
 
 def _matrix(dims: tuple[int, ...]) -> tuple[int, int, bool]:
     """How an adapter tensor of shape ``dims`` is coded: (rows, cols, transposed)."""
-    first = dims[0] if dims else 1
-    rest = int(np.prod(dims[1:])) if len(dims) > 1 else 1
-    if len(dims) == 1:
-        first, rest = 1, dims[0]
+    first, rest = (dims[0], int(np.prod(dims[1:]))) if len(dims) > 1 else (1, int(np.prod(dims)))
     return (rest, first, True) if first > rest else (first, rest, False)
 
 

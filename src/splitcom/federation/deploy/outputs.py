@@ -9,15 +9,15 @@ import time
 import torch
 
 from splitcom.errors import UserError
-from splitcom.federation.deploy.plan import CHECKPOINT, log
+from splitcom.federation.deploy.plan import log
 from splitcom.federation.setup import tail_layers
-from splitcom.runlog import atomic_save, peak_rss_bytes
+from splitcom.runlog import CHECKPOINT, atomic_save, peak_rss_bytes
 
 
 def save_checkpoint(self, t0: float) -> None:
     state = {
         "version": 3, "next_round": self.next_round, "session": self.session,
-        "server": self.server.state_dict(), "cuts_by_round": self.fleet.history,
+        "server": self.server.state_dict(), "fleet": self.fleet.state_dict(),
         "losses": self.losses, "val_losses": self.val_losses, "train_losses": self.train_losses,
         "init_loss": self.init_loss, "drops": self.drops, "resumed_at": self.resumed_at,
         "wall_s": self.wall_before + time.perf_counter() - t0,
@@ -38,8 +38,7 @@ def load_checkpoint(self) -> None:
     if st.get("version") != 3:
         raise UserError(f"checkpoint format {st.get('version')} is not this version's (3)", where=str(path))
     self.server.load_state_dict(st["server"])
-    self.fleet.cuts = [self.server.cuts[c] for c in sorted(self.server.cuts)]
-    self.fleet.history = st["cuts_by_round"]
+    self.fleet.load_state_dict(st["fleet"])
     self.next_round = st["next_round"]
     self.losses, self.val_losses, self.train_losses = st["losses"], st["val_losses"], st["train_losses"]
     self.init_loss, self.drops = st["init_loss"], st["drops"]
@@ -51,8 +50,7 @@ def load_checkpoint(self) -> None:
     for name, rows in st["counters"].items():
         getattr(self.counters, name).load_state_dict(rows)
     self.counters.grpc.update(st["grpc_bytes"])
-    with open(self.out / "metrics.jsonl", "r+b") as fh:  # forget what the lost round logged
-        fh.truncate(st["metrics_bytes"])
+    self.metrics_bytes = st["metrics_bytes"]  # RunLog keeps the log up to here
     if self.cfg.compression.temporal.enabled:
         log.warning("resuming with temporal reuse: its caches restart empty, so the result is correct but "
                     "not bit-identical to an uninterrupted run")

@@ -18,7 +18,6 @@ from splitcom.federation.setup import Setup
 
 log = logging.getLogger("splitcom.deploy")
 PREPARE_LOCK = threading.Lock()  # prepare() seeds torch's global RNG: one at a time per process
-CHECKPOINT = "checkpoint.pt"
 
 def fault(name: str) -> int | None:
     value = os.environ.get(f"SPLITCOM_FAULT_{name}")

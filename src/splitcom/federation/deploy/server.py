@@ -76,13 +76,13 @@ class ServerDriver(Coordination):
         self.resumed_at: list[int] = []
         self.turns_served, self.wall_before, self.join_timeout_s = 0, 0.0, None
         self.est = {k: {} for k in ("forward", "service", "tail")}
-        self.next_round = 0
+        self.next_round, self.metrics_bytes = 0, None  # (load_checkpoint sets both)
         if resume:
             load_checkpoint(self)
         else:
             (self.out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         self.released = self.next_round - 1  # pulls for rounds <= released are answered
-        self.log = RunLog(self.out / "metrics.jsonl", append=resume)
+        self.log = RunLog(self.out / "metrics.jsonl", keep_bytes=self.metrics_bytes)
 
     def _message_limit(self) -> int:
         """Twice the largest legitimate message of this run (fp32 activations of a full batch, the
