@@ -12,13 +12,17 @@ from typer.testing import CliRunner
 from splitcom.cli import app
 from splitcom.data.records import Example, format_prompt
 from splitcom.errors import UserError
+from splitcom.evaluate import generate as gen_mod
 from splitcom.evaluate.generate import (
     GenerationSettings,
     eval_examples,
     generate,
+    generate_with_stats,
     group_inputs,
     load_adapted,
     load_merged,
+    pick_threads,
+    score_model,
 )
 from splitcom.evaluate.score import read_hyps, read_refs, score_files
 from splitcom.federation.simulation import run
@@ -68,7 +72,10 @@ def test_eval_writes_predictions_references_and_scores(tiny_run):
     assert (ev / "inputs.txt").read_text().splitlines() == [i.source for i in expected]
     assert scores["n_references"] == sum(len(r) for r in refs)
     assert scores["generation"] == {"num_beams": 2, "length_penalty": 0.8, "no_repeat_ngram_size": 4,
-                                    "max_new_tokens": 8, "batch_size": 8}
+                                    "max_new_tokens": 8, "batch_size": 8, "threads": 0}
+    assert scores["gen_inputs"] == 3 and 0 < scores["gen_tokens"] <= 3 * 8 and scores["gen_seconds"] > 0
+    assert scores["tokens_per_s"] == pytest.approx(scores["gen_tokens"] / scores["gen_seconds"])
+    assert scores["gen_threads"] >= 1 and "tokens/s" in result.output
     assert scores["model"] == "tiny-llama" and scores["split"] == "dev" and scores["merged"] is True
     assert scores["adapter"] == str((out / "adapter").resolve())
     # `splitcom score` on the written files gives the same figures.
@@ -85,7 +92,8 @@ def test_greedy_generation_matches_a_manual_argmax_loop(tiny_run):
     sources = ["name[The Eagle], eatType[pub]",
                "name[Zizzi], food[French], area[riverside], near[Café Rouge]"]
     settings = GenerationSettings(num_beams=1, no_repeat_ngram_size=0, max_new_tokens=6, batch_size=2)
-    got = generate(merged, tok, sources, settings)
+    got, stats = generate_with_stats(merged, tok, sources, settings)
+    n_tokens = 0
     for source, text in zip(sources, got, strict=True):
         ids = tok(format_prompt(source), add_special_tokens=False)["input_ids"]
         new = []
@@ -96,15 +104,62 @@ def test_greedy_generation_matches_a_manual_argmax_loop(tiny_run):
                     break
                 new.append(nxt)
         assert text == " ".join(tok.decode(new, skip_special_tokens=True).split())
+        n_tokens += len(new)
+    assert (stats.inputs, stats.tokens) == (2, n_tokens)  # tokens/s counts output tokens up to eos
+
+
+def test_decode_uses_the_kv_cache_despite_the_training_config(tiny_run):
+    """load_model sets use_cache=False for training; generation must still feed one new token per step."""
+    _, out = tiny_run
+    _, merged, tok = load_merged(out)
+    assert merged.config.use_cache is False
+    widths = []
+    forward = merged.forward
+
+    def spy(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    merged.forward = spy
+    generate(merged, tok, ["name[The Eagle], eatType[pub]"],
+             GenerationSettings(num_beams=2, no_repeat_ngram_size=0, max_new_tokens=5))
+    assert widths[0] > 1 and len(widths) > 1 and set(widths[1:]) == {1}
 
 
 def test_left_padded_batches_match_one_at_a_time(tiny_run):
     _, out = tiny_run
     _, merged, tok = load_merged(out)
-    sources = [i.source for i in group_inputs(eval_examples("synthetic", "dev", 1200, 0), 3)]
+    sources = [i.source for i in group_inputs(eval_examples("synthetic", "dev", 1200, 0), 6)]
+    lengths = [len(tok(format_prompt(s))["input_ids"]) for s in sources]
+    assert lengths != sorted(lengths)  # batches run in length order: outputs must come back in input order
     one = generate(merged, tok, sources, GenerationSettings(num_beams=2, max_new_tokens=8, batch_size=1))
-    batched = generate(merged, tok, sources, GenerationSettings(num_beams=2, max_new_tokens=8, batch_size=3))
+    batched = generate(merged, tok, sources, GenerationSettings(num_beams=2, max_new_tokens=8, batch_size=4))
     assert one == batched
+    pinned = generate(merged, tok, sources, GenerationSettings(num_beams=2, max_new_tokens=8, batch_size=4,
+                                                               threads=1))
+    assert pinned == batched
+
+
+def test_score_model_in_memory_leaves_the_callers_peft_model_alone(tiny_run):
+    _, out = tiny_run
+    _, merged, tok = load_merged(out)
+    _, peft_model, _ = load_adapted(out)
+    peft_model.train()
+    inputs = group_inputs(eval_examples("synthetic", "dev", 1200, 0), 3)
+    settings = GenerationSettings(num_beams=2, max_new_tokens=8)
+    preds, scores = score_model(peft_model, tok, inputs, settings, use_java=False)
+    assert preds == generate(merged, tok, [i.source for i in inputs], settings)
+    assert scores["n_inputs"] == 3 and scores["METEOR"] is None and scores["tokens_per_s"] > 0
+    assert peft_model.training and any("lora_A" in n for n, _ in peft_model.named_parameters())
+
+
+def test_pick_threads_uses_idle_cores(monkeypatch):
+    cores = len(gen_mod.os.sched_getaffinity(0))
+    assert pick_threads(3, 1) == 3  # asked for: used as is
+    monkeypatch.setattr(gen_mod, "busy_cores", lambda: 0)
+    assert pick_threads(0, 64) == cores and pick_threads(0, 1) == 1
+    monkeypatch.setattr(gen_mod, "busy_cores", lambda: cores)
+    assert pick_threads(0, 64) == 1
 
 
 def test_eval_on_another_dataset_reads_only_its_dev_split(tiny_run, tmp_path):
@@ -124,6 +179,7 @@ def test_eval_on_another_dataset_reads_only_its_dev_split(tiny_run, tmp_path):
 @pytest.mark.parametrize("args, needle", [
     (["--split", "test"], "--split"),
     (["--beams", "0"], "--beams"),
+    (["--threads", "-1"], "--threads"),
     (["--max-samples", "0"], "--max-samples"),
 ])
 def test_eval_bad_arguments_exit_2(tiny_run, args, needle):

@@ -43,6 +43,8 @@ def eval_cmd(
     no_repeat_ngram: Annotated[int, typer.Option("--no-repeat-ngram", help="n-gram size (0: off).")] = 4,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Most new tokens per input.")] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Inputs per generate call.")] = 8,
+    threads: Annotated[int, typer.Option(
+        "--threads", help="Torch threads while decoding (0: as many as there are idle cores).")] = 0,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, auto (default: run's).")] = None,
     java: Annotated[bool, typer.Option(help="Use Java for METEOR and the PTB tokeniser.")] = True,
 ) -> None:
@@ -54,14 +56,16 @@ def eval_cmd(
 
         settings = GenerationSettings(num_beams=beams, length_penalty=length_penalty,
                                       no_repeat_ngram_size=no_repeat_ngram, max_new_tokens=max_new_tokens,
-                                      batch_size=batch_size)
+                                      batch_size=batch_size, threads=threads)
         scores = evaluate_run(out, split=split, max_samples=max_samples, settings=settings, dataset=dataset,
                               device=device, use_java=java)
     except UserError as err:
         _fail(err)
     typer.echo(format_scores(scores))
     console.print(f"{scores['n_inputs']} inputs ({scores['n_references']} references) of {scores['dataset']} "
-                  f"{scores['split']} in {scores['wall_s']:.1f} s -> {out / 'eval'}/ (predictions.txt, "
+                  f"{scores['split']} in {scores['wall_s']:.1f} s (decode {scores['gen_seconds']:.1f} s, "
+                  f"{scores['gen_tokens']} tokens, {scores['tokens_per_s']:.1f} tokens/s, beam {beams}, "
+                  f"threads {scores['gen_threads']}) -> {out / 'eval'}/ (predictions.txt, "
                   "references.txt, inputs.txt, scores.json)", highlight=False)
 
 

@@ -78,16 +78,46 @@ class PartitionCfg(_Strict):
     min_size: int = Field(1, ge=1, description="Smallest partition the Dirichlet schemes accept.")
 
 
+class FieldsCfg(_Strict):
+    """Column names of your own data (`jsonl:`, `csv:`, `hf:`); other datasets ignore them."""
+
+    prompt: str = Field("prompt", description="Column holding the input text (the prompt).")
+    completion: str = Field(
+        "completion", description="Column holding the target text; the loss is on its tokens alone.")
+    messages: str | None = Field(
+        None, description="Column holding a chat, [{role, content}, ...], used instead of prompt/completion: "
+        "the last message must be the assistant's and is the completion; the messages before it are the "
+        "prompt, rendered by the tokenizer's chat template (with the generation prompt) when it has one, "
+        "else as `role: content` lines ending in `assistant:`. In a CSV cell, the chat is a JSON string.")
+
+
 class DataCfg(_Strict):
     dataset: str = Field(
         "synthetic", description="`synthetic`, `e2e:DIR` (DIR holds trainset.csv and devset.csv), `webnlg:DIR` "
-        "(WebNLG 2017 train/ and dev/ XML), or `dart:DIR` (dev only, for evaluation)."
+        "(WebNLG 2017 train/ and dev/ XML), `dart:DIR` (dev only, for evaluation), or your own data: "
+        "`jsonl:FILE` (one JSON object per line), `csv:FILE` (a header row) or `hf:DIR` (a `datasets` "
+        "save_to_disk directory, or a directory of data files); see `data.fields`."
     )
     max_train_samples: int | None = Field(300, ge=1, description="Cap on training examples (None: all).")
     max_eval_samples: int | None = Field(64, ge=1, description="Cap on validation examples (None: all).")
     max_length: int = Field(128, ge=8, description="Prompt + completion tokens are truncated to this.")
     synthetic_size: int = Field(1200, ge=10, description="Number of synthetic training examples generated.")
+    fields: FieldsCfg = Field(default_factory=FieldsCfg)
+    eval_file: str | None = Field(
+        None, description="Own data: the validation rows come from this second file (same kind and fields as "
+        "data.dataset; for `hf:`, a directory, of which the validation/test split is used when it has one).")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Own data: hold out this fraction of the distinct prompts for validation, "
+        "drawn with train.seed (every reference of a prompt lands on the same side). None: the `hf:` "
+        "dataset's own validation/test split when it has one, else 0.1. Not together with data.eval_file.")
     partition: PartitionCfg = Field(default_factory=PartitionCfg)
+
+    @field_validator("eval_fraction")
+    @classmethod
+    def _one_dev_source(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and info.data.get("eval_file") is not None:
+            raise ValueError("set data.eval_file or data.eval_fraction, not both")
+        return v
 
 
 class FederationCfg(_Strict):
@@ -133,9 +163,20 @@ class TrainCfg(_Strict):
 
 
 class BangBangCfg(_Strict):
-    aggressive: float = Field(0.99, ge=-1, le=1, description="Threshold while val loss keeps improving.")
-    conservative: float = Field(0.9999, ge=-1, le=1, description="Threshold after val loss got worse.")
+    aggressive: float | dict[str, float] = Field(
+        0.99, description="Threshold while val loss keeps improving (a number, or a map by stream).")
+    conservative: float | dict[str, float] = Field(
+        0.9999, description="Threshold after val loss got worse (a number, or a map by stream).")
     tolerance: float = Field(0.0, ge=0, description="Relative val-loss increase still counted as improving.")
+
+    @field_validator("aggressive", "conservative", mode="before")
+    @classmethod
+    def _levels(cls, v: Any, info: ValidationInfo) -> Any:
+        return _per_stream(v, 0.99 if info.field_name == "aggressive" else 0.9999)
+
+    def for_stream(self, stream: str) -> dict:
+        return {"aggressive": stream_value(self.aggressive, stream, 0.99),
+                "conservative": stream_value(self.conservative, stream, 0.9999), "tolerance": self.tolerance}
 
 
 class DDPGCfg(_Strict):
@@ -146,9 +187,40 @@ class DDPGCfg(_Strict):
     load: str | None = Field(None, description="Warm-start from an agent saved by an earlier run.")
 
 
+STREAMS = ("act_up", "grad_down", "act_down", "grad_up")
+Codec = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+
+
+def _unit_interval(v: float, key: str = "") -> float:
+    if not -1 <= v <= 1:
+        raise ValueError(f"{key + ': ' if key else ''}must be in [-1, 1]")
+    return v
+
+
+def _per_stream(v: Any, default: float) -> Any:
+    """A number, or a map stream -> number whose unnamed streams take ``default``; names are checked."""
+    if isinstance(v, dict):
+        unknown = sorted(set(v) - set(STREAMS))
+        if unknown:
+            raise ValueError(f"unknown stream {unknown[0]!r} (streams: {', '.join(STREAMS)})")
+        return {k: _unit_interval(float(x), k) for k, x in v.items()}
+    return _unit_interval(float(v))
+
+
+def stream_value(v: float | dict[str, float], stream: str, default: float) -> float:
+    return v.get(stream, default) if isinstance(v, dict) else v
+
+
 class TemporalCfg(_Strict):
     enabled: bool = Field(False, description="Temporal reuse: resend a sample's tensor only when it drifted.")
-    threshold: float = Field(0.999, ge=-1, le=1, description="REUSE when cos(RP summaries) >= threshold.")
+    threshold: float | dict[str, float] = Field(
+        0.999, description="REUSE when cos(RP summaries) >= threshold. A number for every stream, or a map by "
+        "stream (e.g. {act_up: 0.99, act_down: 0.9999}); streams the map does not name use 0.999.")
+    refresh: Literal["full", "delta"] = Field(
+        "full", description="What a sample below the threshold sends: `full` (its tensor again) or `delta` "
+        "(delta_codec of X minus the tensor the receiver holds, which the receiver adds; the sender keeps an "
+        "exact copy of what the receiver holds: T_i x H floats per sample, in `store`).")
+    delta_codec: Codec = Field("int4", description="Codec of DELTA payloads (refresh=delta).")
     projection_dim: int = Field(16, ge=1, description="r: columns of the random projection (<= hidden size).")
     max_reuse_streak: int | None = Field(None, ge=1, description="Force a FULL after this many REUSEs in a row.")
     reused_grad: Literal["apply", "skip"] = Field(
@@ -164,15 +236,26 @@ class TemporalCfg(_Strict):
     bangbang: BangBangCfg = Field(default_factory=BangBangCfg)
     ddpg: DDPGCfg = Field(default_factory=DDPGCfg)
 
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_map(cls, v: Any) -> Any:
+        return _per_stream(v, 0.999)
+
+    def threshold_of(self, stream: str) -> float:
+        return stream_value(self.threshold, stream, 0.999)
+
 
 class CompressionCfg(_Strict):
-    codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
-        "fp32", description="Codec of activations on the wire."
-    )
-    grad_codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
-        "fp32", description="Codec of gradients on the wire."
-    )
-    adapter_codec: Literal["fp32", "fp16", "bf16", "int8", "int4"] = Field(
+    codec: Codec = Field("fp32", description="Codec of activations on the wire.")
+    grad_codec: Codec = Field("fp32", description="Codec of gradients on the wire.")
+    entropy: Literal["none", "zstd"] = Field(
+        "none", description="Lossless stage after the codec on every stream, adapters included: `zstd` "
+        "compresses each message body (the byte counters count the compressed bytes).")
+    prefix: bool = Field(
+        False, description="Shared prompt prefixes on act_up: samples whose prompts start with the same "
+        "tokens send those activation rows once and reference them by key (exact within a batch; across "
+        "batches only when the summary test of temporal reuse passes at the act_up threshold).")
+    adapter_codec: Codec = Field(
         "fp32", description="Codec of the LoRA matrices exchanged every round (adapters_up/adapters_down); "
         "the server averages the decoded uploads and clients load the decoded download.")
     temporal: TemporalCfg = Field(default_factory=TemporalCfg)
@@ -226,7 +309,7 @@ def _format_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown config key"
     got = first.get("input")
-    return f"{key}: {first['msg']} (got {got!r})"
+    return f"{key}: {first['msg'].removeprefix('Value error, ')} (got {got!r})"
 
 
 def build_config(tree: dict | None = None, overrides: list[str] | None = None) -> Config:
@@ -265,3 +348,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (written to OUT/config.yaml; loads back to the same Config)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_diff(a: Config, b: Config, exclude: set[str] | None = None) -> list[str]:
+    """The dotted keys whose values differ between two configs (``exclude``: top-level sections to skip)."""
+    def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            if isinstance(v, dict) and v and not prefix + k == "compression.temporal.threshold":
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+    fa, fb = flat(a.model_dump(exclude=exclude)), flat(b.model_dump(exclude=exclude))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))

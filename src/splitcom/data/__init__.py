@@ -1,10 +1,12 @@
-"""Datasets by spec string: ``synthetic`` or ``e2e:DIR``. Each returns (train, validation) examples."""
+"""Datasets by spec string: ``synthetic``, ``e2e:DIR``, ``webnlg:DIR``, ``dart:DIR``, or your own data
+(``jsonl:FILE``, ``csv:FILE``, ``hf:DIR``; see own.py). Each returns (train, validation) examples."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from splitcom.data import dart, e2e, synthetic, webnlg
+from splitcom.config import DataCfg
+from splitcom.data import dart, e2e, own, synthetic, webnlg
 from splitcom.data.records import Example
 from splitcom.errors import UserError
 
@@ -28,8 +30,16 @@ LOADERS: dict[str, Callable[[str | None, int, int], tuple[list[Example], list[Ex
 }
 
 
-def load_dataset(spec: str, synthetic_size: int = 1200, seed: int = 0) -> tuple[list[Example], list[Example]]:
+def load_dataset(spec: str, synthetic_size: int = 1200, seed: int = 0,
+                 data: DataCfg | None = None) -> tuple[list[Example], list[Example]]:
+    """``data`` carries the options of your own data (data.fields, eval_file, eval_fraction); None: defaults."""
     kind, _, arg = spec.partition(":")
+    if kind in own.KINDS:
+        return own.load(kind, arg or None, seed, data or DataCfg())
+    if data is not None and (data.eval_file is not None or data.eval_fraction is not None):
+        key = "data.eval_file" if data.eval_file is not None else "data.eval_fraction"
+        raise UserError(f"applies to your own data only (jsonl:, csv:, hf:), not {kind!r}", where=key)
     if kind not in LOADERS:
-        raise UserError(f"unknown dataset {kind!r}; known: {sorted(LOADERS)}", where="data.dataset")
+        raise UserError(f"unknown dataset {kind!r}; known: {sorted([*LOADERS, *own.KINDS])}{own.hint(spec)}",
+                        where="data.dataset")
     return LOADERS[kind](arg or None, synthetic_size, seed)

@@ -16,6 +16,10 @@ class Example:
     completion: str  # one reference text
     group: str  # key of the input; references of one input share it
     attrs: dict[str, str] = field(default_factory=dict, compare=False)
+    # A chat example's prompt messages, ((role, content), ...); None for every other example. When set,
+    # the model is conditioned on them as the tokenizer's chat template renders them (or on ``prompt``,
+    # their plain rendering, without a template), verbatim: never through format_prompt.
+    chat: tuple[tuple[str, str], ...] | None = None
 
 
 def parse_mr(mr: str) -> dict[str, str]:

@@ -41,12 +41,29 @@ class Batch:
         return int(sum(self.lengths))
 
 
+def render(ex: Example, tokenizer) -> tuple[str, str]:
+    """(prompt text, completion text) as the model sees them; the completion follows the prompt directly.
+
+    A chat example's prompt is the tokenizer's chat template with the generation prompt, which already
+    ends where the reply starts, so the reply follows without a space; without a template it is the
+    plain rendering (ending in ``assistant:``). Neither goes through format_prompt.
+    """
+    if ex.chat is None:
+        return format_prompt(ex.prompt), " " + ex.completion
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": role, "content": content} for role, content in ex.chat]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, ex.completion
+    return ex.prompt, " " + ex.completion
+
+
 def tokenize(examples: Sequence[Example], tokenizer, max_length: int) -> list[Sample]:
     eos = tokenizer.eos_token_id
     out = []
     for i, ex in enumerate(examples):
-        p = tokenizer(format_prompt(ex.prompt), add_special_tokens=False)["input_ids"]
-        c = tokenizer(" " + ex.completion, add_special_tokens=False)["input_ids"]
+        prompt, completion = render(ex, tokenizer)
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"]
         if eos is not None:
             c = c + [eos]
         p = p[: max(1, max_length - 2)]  # keep at least one completion token to learn from

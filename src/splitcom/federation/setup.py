@@ -65,7 +65,7 @@ def prepare(cfg: Config) -> Setup:
                         "every client's cut", where="model.lora.cut_rank, federation.server_adapters")
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    train_ex, val_ex = load_dataset(cfg.data.dataset, cfg.data.synthetic_size, cfg.train.seed)
+    train_ex, val_ex = load_dataset(cfg.data.dataset, cfg.data.synthetic_size, cfg.train.seed, cfg.data)
     train_ex = _subset(train_ex, cfg.data.max_train_samples, cfg.train.seed)
     val_ex = _subset(val_ex, cfg.data.max_eval_samples, cfg.train.seed + 1)
     model, tok = load_model(cfg.model.name, cfg.model.cache_dir)
@@ -77,6 +77,12 @@ def prepare(cfg: Config) -> Setup:
     peft_model.train()
     train = tokenize(train_ex, tok, cfg.data.max_length)
     val = tokenize(val_ex, tok, cfg.data.max_length)
+    n = cfg.federation.num_clients
+    if cfg.federation.mode == "sfl" and n > len(train):  # a client without data can neither train nor be weighed
+        raise UserError(f"{n} clients but {len(train)} training samples (data.max_train_samples = "
+                        f"{cfg.data.max_train_samples}): every client needs at least one; lower "
+                        "federation.num_clients or raise data.max_train_samples",
+                        where="federation.num_clients, data.max_train_samples")
     p = cfg.data.partition
     parts = partition(train_ex, train, cfg.federation.num_clients, p.scheme, p.alpha, cfg.train.seed, p.by,
                       p.bins, p.min_size) if cfg.federation.mode == "sfl" else [list(range(len(train)))]
