@@ -53,8 +53,8 @@ def test_different_cuts_and_ranks_aggregate_zero_padded_by_hand():
         c.pull_adapters(0)
     own0 = s.bank.state("c0", [0])[key.format(0, "A")]
     assert own0.shape[0] == CUT_RANK and torch.equal(own0, got[key.format(0, "A")][:CUT_RANK])
-    full = dict(s.bank.model.named_parameters())
-    assert not full[f"base_model.model.{key.format(0, 'A').replace('.weight', '.c0.weight')}"][CUT_RANK:].any()
+    full = s.bank.named("c0", [0])  # the live full-rank matrix: zero above the cap
+    assert not full[key.format(0, "A")][CUT_RANK:].any()
 
 
 def test_capped_blocks_stay_low_rank_and_move_with_the_cut():
@@ -62,10 +62,10 @@ def test_capped_blocks_stay_low_rank_and_move_with_the_cut():
     server, clients = build_sfl(s, ByteCounter(), cuts={0: 2, 1: 2})
     for _ in range(2):
         train_round(clients)
-    params = dict(s.bank.model.named_parameters())
+    params = s.bank.named("c0", range(4))  # client 0's head blocks and the server's blocks for it
     for block in (0, 1, 2, 3):
-        a = params[f"base_model.model.model.layers.{block}.self_attn.v_proj.lora_A.c0.weight"]
-        b = params[f"base_model.model.model.layers.{block}.self_attn.v_proj.lora_B.c0.weight"]
+        a = params[f"model.layers.{block}.self_attn.v_proj.lora_A.weight"]
+        b = params[f"model.layers.{block}.self_attn.v_proj.lora_B.weight"]
         rank = torch.linalg.matrix_rank(b.detach().double() @ a.detach().double()).item()
         assert rank <= CUT_RANK if block in (1, 2) else rank > CUT_RANK, (block, rank)
     server.aggregate()
