@@ -2,6 +2,10 @@
 setting, each row a full simulated SFL run with the same model, data, partition and seed.
 
     .venv/bin/python bench/comm.py [--samples 80] [--epochs 6] [--clients 10] [--rows baseline int8 ...]
+                                   [--score N [--beams 4]]
+
+``--score N`` adds the E2E generation metrics of each row's adapter (beam search on the first N
+distinct E2E dev inputs, written to the row's OUT/eval/ as ``splitcom eval`` does).
 
 Writes bench/results/comm.md (the table) and bench/results/comm.png (bytes against val ppl).
 Skips with a message where ../shared/data/e2e is absent.
@@ -22,6 +26,8 @@ from splitcom.federation.simulation import run
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
 E2E = ROOT.parent / "shared" / "data" / "e2e"
+NAMES = {"e2e": "E2E", "webnlg": "WebNLG 2017"}
+DATASETS = {"e2e": (E2E, "trainset.csv"), "webnlg": (ROOT.parent / "shared" / "data" / "webnlg2017", "train")}
 T = "compression.temporal"
 
 ROWS: dict[str, list[str]] = {
@@ -49,6 +55,20 @@ ROWS: dict[str, list[str]] = {
                                           f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                                           "compression.codec=int8", "compression.grad_codec=int8",
                                           "compression.adapter_codec=int8"],
+    # issue 11: what reuse cannot touch (first sights, refreshes, adapters), shrunk step by step
+    "centralized": ["federation.mode=centralized"],
+    "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
+    "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
+                "compression.prefix=true"],
+    "+zstd": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
+              "compression.prefix=true", "compression.entropy=zstd"],
+    "all": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
+            "compression.prefix=true", "compression.entropy=zstd", "compression.adapter_codec=int8"],
+    "ushape+all": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
+                   f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
+                   f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.99999}}",
+                   "compression.codec=int8", "compression.grad_codec=int8", f"{T}.refresh=delta",
+                   "compression.prefix=true", "compression.entropy=zstd", "compression.adapter_codec=int8"],
     "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
                              f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                              "compression.codec=int4", "compression.grad_codec=int4"],
@@ -56,12 +76,39 @@ ROWS: dict[str, list[str]] = {
 
 
 def common(args) -> list[str]:
-    return [f"model.name={args.model}", f"data.dataset=e2e:{E2E}", f"data.max_train_samples={args.samples}",
+    return [f"model.name={args.model}", f"data.dataset={args.dataset}:{DATASETS[args.dataset][0]}",
+            f"data.max_train_samples={args.samples}",
             f"data.max_eval_samples={args.eval_samples}", f"data.max_length={args.max_length}",
             "data.partition.scheme=length_dirichlet", f"data.partition.alpha={args.alpha}",
             f"federation.num_clients={args.clients}", f"train.epochs={args.epochs}",
             f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", f"split.cut_layer={args.cut}",
             "logging.progress=false"]
+
+
+GEN_KEYS = {"BLEU": "bleu", "NIST": "nist", "METEOR": "meteor", "ROUGE_L": "rouge_l", "CIDEr": "cider",
+            "gen_seconds": "gen_s", "gen_tokens": "gen_tokens", "tokens_per_s": "tokens_per_s"}
+
+
+def score_row(args, out: Path) -> dict:
+    """E2E metrics of a finished row's adapter on the first ``--score`` distinct dev inputs; a scores.json
+    from the same run and settings is reused under --resume."""
+    from dataclasses import asdict
+
+    from splitcom.errors import UserError
+    from splitcom.evaluate.generate import GenerationSettings, evaluate_run
+
+    settings = GenerationSettings(num_beams=args.beams)
+    old = out / "eval" / "scores.json"
+    sc = json.loads(old.read_text()) if args.resume and old.is_file() else {}
+    fresh = sc and old.stat().st_mtime >= (out / "summary.json").stat().st_mtime
+    if not (fresh and sc.get("generation") == asdict(settings) and sc.get("max_samples") == args.score
+            and sc.get("split") == "dev"):
+        try:
+            sc = evaluate_run(out, max_samples=args.score, settings=settings)
+        except UserError as err:
+            print(f"  not scored: {err}", file=sys.stderr)
+            return {}
+    return {new: sc[key] for key, new in GEN_KEYS.items()}
 
 
 def main() -> int:
@@ -77,12 +124,18 @@ def main() -> int:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--cut", type=int, default=2)
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--dataset", choices=list(DATASETS), default="e2e", help="E2E or WebNLG 2017 (../shared/data)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-comm")
     ap.add_argument("--resume", action="store_true", help="reuse rows whose run with the same config finished")
+    ap.add_argument("--score", type=int, default=0, metavar="N",
+                    help="after each row, beam-search the first N distinct E2E dev inputs and add BLEU, NIST, "
+                         "METEOR, ROUGE_L, CIDEr (0: off)")
+    ap.add_argument("--beams", type=int, default=4, help="beam width of --score")
     args = ap.parse_args()
-    if not (E2E / "trainset.csv").is_file():
-        print(f"skipped: E2E data not found at {E2E}")
+    root, probe = DATASETS[args.dataset]
+    if not (root / probe).exists():
+        print(f"skipped: {args.dataset} data not found at {root}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -94,7 +147,14 @@ def main() -> int:
             s = json.loads(done.read_text())  # the same row already finished: reuse it
         else:
             s = run(cfg, args.runs / name, progress=False)
+        if args.score > 0:
+            s = {**s, **score_row(args, args.runs / name)}
         results[name] = s
+        if "bleu" in s:
+            meteor = "-" if s["meteor"] is None else f"{s['meteor']:.4f}"
+            print(f"{name:<16} BLEU {s['bleu']:.4f}  NIST {s['nist']:.3f}  METEOR {meteor}  ROUGE_L "
+                  f"{s['rouge_l']:.4f}  CIDEr {s['cider']:.3f}  ({args.score} inputs, beam {args.beams}: "
+                  f"{s['gen_s']:.0f} s, {s['tokens_per_s']:.1f} tokens/s)", flush=True)
         print(f"{name:<16} act_up {s['bytes_by_stream'].get('act_up', 0) / 1e6:9.3f} MB  total "
               f"{(s['bytes_up'] + s['bytes_down']) / 1e6:9.3f} MB  val ppl {s['val_ppl']:8.3f}  reuse "
               f"{s.get('reuse_ratio', 0):.3f}  {time.perf_counter() - t0:6.1f} s", flush=True)
@@ -121,27 +181,44 @@ def _reduction(value: float, base: float) -> str:
 def write_report(results: dict, args) -> None:
     lines = [
         "# Communication benchmark", "",
-        f"Model `{args.model}`, E2E train subset of {args.samples} samples, {args.clients} clients, "
+        f"Model `{args.model}`, {NAMES[args.dataset]} train subset of {args.samples} samples, {args.clients} clients, "
         f"`length_dirichlet` (alpha {args.alpha}), {args.epochs} epochs, batch {args.batch_size}, cut layer "
-        f"{args.cut}, lr {args.lr}, max length {args.max_length}; validation on {args.eval_samples} E2E dev samples. "
+        f"{args.cut}, lr {args.lr}, max length {args.max_length}; validation on {args.eval_samples} {NAMES[args.dataset]} dev samples. "
         "One run per row, same seed. Reductions are against the fp32 row of the same mode (`baseline` for "
         "standard rows, `ushape` for U-shape rows). *split traffic* is every per-step stream (activations, "
-        "gradients, labels); *total* adds the once-per-round adapter exchange (fp32 LoRA matrices, both ways). "
+        "gradients, labels); *total* adds the once-per-round adapter exchange (LoRA matrices both ways, fp32 unless "
+        "the row says int8). *client cache* is the senders' memory on all clients at the end (reuse summaries, "
+        "the DELTA mirror, prefix rows). `centralized` is one PEFT LoRA model with no split: no traffic. "
         "*wall s* is each row's own run on a 2-core CPU; rows may have run at different times and machine "
         "load, so compare bytes and ppl, not wall time.", "",
         "| row | act_up bytes | act_up reduction | split traffic reduction | total bytes | total reduction "
-        "| val ppl | Δppl | reuse ratio | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| val ppl | Δppl | reuse ratio | client cache MB | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    scored = any("bleu" in s for s in results.values())
+    if scored:  # generation metrics: extra columns, and what they are in the paragraph above the table
+        lines[2] += (f" Generation metrics: beam search (beam {args.beams}, length penalty 0.8, no-repeat 4-grams, "
+                     f"at most 64 new tokens) with the merged adapter on the first {args.score} distinct {NAMES[args.dataset]} dev "
+                     "inputs, scored against all their references with the E2E challenge metrics (BLEU, METEOR, "
+                     "ROUGE_L in [0, 1]); *gen s* and *tok/s* are that decode's time and output tokens per second.")
+        lines[4] = lines[4][:-1] + "| BLEU | NIST | METEOR | ROUGE_L | CIDEr | gen s | tok/s |"
+        lines[5] += " ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for name, s in results.items():
         base = results.get("ushape" if name.startswith("ushape") else "baseline")
         act, total = s["bytes_by_stream"].get("act_up", 0), s["bytes_up"] + s["bytes_down"]
-        red = _reduction(act, base["bytes_by_stream"]["act_up"]) if base else "-"
-        sred = _reduction(split_bytes(s), split_bytes(base)) if base else "-"
-        tred = _reduction(total, base["bytes_up"] + base["bytes_down"]) if base else "-"
+        split = base is not None and s.get("mode") != "centralized"
+        red = _reduction(act, base["bytes_by_stream"]["act_up"]) if split else "-"
+        sred = _reduction(split_bytes(s), split_bytes(base)) if split else "-"
+        tred = _reduction(total, base["bytes_up"] + base["bytes_down"]) if split else "-"
         dppl = f"{100 * (s['val_ppl'] / base['val_ppl'] - 1):+.2f} %" if base else "-"
+        cache = f"{s['client_cache_bytes'] / 1e6:.1f}" if "client_cache_bytes" in s else "-"
         lines.append(f"| {name} | {act:,} | {red} | {sred} | {total:,} | {tred} | {s['val_ppl']:.3f} | {dppl} | "
-                     f"{s.get('reuse_ratio', 0):.3f} | {s['wall_s']:.0f} |")
+                     f"{s.get('reuse_ratio', 0):.3f} | {cache} | {s['wall_s']:.0f} |")
+        if scored:
+            lines[-1] += (" - | - | - | - | - | - | - |" if "bleu" not in s else
+                          f" {s['bleu']:.4f} | {s['nist']:.3f} | "
+                          f"{'-' if s['meteor'] is None else format(s['meteor'], '.4f')} | {s['rouge_l']:.4f} | "
+                          f"{s['cider']:.3f} | {s['gen_s']:.0f} | {s['tokens_per_s']:.1f} |")
     (args.out / "comm.md").write_text("\n".join(lines) + "\n")
     try:
         plot(results, args)
@@ -159,7 +236,7 @@ def plot(results: dict, args) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     panels = [("standard: act_up bytes (MB, log)", lambda s: s["bytes_by_stream"].get("act_up", 0),
-               [n for n in results if not n.startswith("ushape")]),
+               [n for n in results if not n.startswith("ushape") and results[n].get("mode") != "centralized"]),
               ("U-shape: split traffic, 4 streams (MB, log)", split_bytes,
                [n for n in results if n.startswith("ushape")])]
     panels = [p for p in panels if p[2]]
@@ -187,7 +264,7 @@ def plot(results: dict, args) -> None:
         ax.set_ylabel("validation perplexity")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{args.model}: bytes vs quality ({args.epochs} epochs, {args.clients} clients, "
-                 f"{args.samples} E2E samples)")
+                 f"{args.samples} {NAMES[args.dataset]} samples)")
     fig.tight_layout()
     fig.savefig(args.out / "comm.png", dpi=120)
 

@@ -175,8 +175,9 @@ def test_three_client_processes_match_simulation(procs, tmp_path):
     for key in ("bytes_up", "bytes_down", "bytes_by_stream", "train_tokens", "val_loss_by_epoch",
                 "train_loss_by_epoch", "initial_val_loss", "rounds", "client_samples", "reuse_ratio"):
         assert dep[key] == sim[key], key
+    # transfers_by_stream sums every sender's counters, which in deployment live in the client processes
     assert set(sim) - set(dep) <= {"simulated_s", "simulated_s_by_epoch", "makespan_per_step_s", "devices",
-                                   "cuts_by_round"}
+                                   "cuts_by_round", "transfers_by_stream"}
     assert dep["wire_bytes_up"] == dep["grpc_message_bytes"]["up"]
     assert dep["wire_bytes_down"] == dep["grpc_message_bytes"]["down"]
     payload = dep["bytes_up"] + dep["bytes_down"]
@@ -272,13 +273,17 @@ def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
       "compression.temporal.streams": ["act_up", "act_down", "grad_up", "grad_down"],
       "model.lora.cut_rank": 2, "compression.adapter_codec": "int8"}, "ushape"),
     ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2}, "adaptive"),
+    ({"compression.temporal.enabled": True, "train.epochs": 3, "compression.temporal.refresh": "delta",
+      "compression.temporal.threshold": {"act_up": 0.999}, "compression.prefix": True, "compression.entropy": "zstd",
+      "compression.codec": "int8"}, "delta"),
 ])
 def test_in_process_deployment(tmp_path, over, exact):
     """Server and clients as threads of this process, over gRPC loopback. With temporal reuse and a
     threshold controller (the server sends each round's threshold down) round_robin still matches
     simulation exactly; so does U-shape with reuse on all four streams, int8 and a cut rank (two
     exchanges per step, the client keeps its turn between), and adaptive cuts that move between rounds;
-    a dynamic schedule trains too (its order depends on timing)."""
+    a dynamic schedule trains too (its order depends on timing); so does residual refresh with shared
+    prompt prefixes and zstd."""
     tree = _setup(tmp_path)
     for key, value in over.items():
         node = tree
@@ -298,6 +303,9 @@ def test_in_process_deployment(tmp_path, over, exact):
     if exact == "ushape":
         assert "labels_up" not in dep["bytes_by_stream"] and dep["bytes_by_stream"]["grad_up"] > 0
         assert sim["reuse_ratio_by_stream"]["act_down"] > 0
+    if exact == "delta":  # residual refresh, shared prompt prefixes and zstd on every stream
+        assert sim["transfers_by_stream"]["act_up"]["delta"] > 0
+        assert sim["transfers_by_stream"]["act_up"]["prefix_rows_shared"] > 0
     if exact == "adaptive":  # the server moves cuts by the same rule; clients follow from their downloads
         assert dep["cuts_by_round"] == sim["cuts_by_round"]
         assert len({tuple(c) for c in sim["cuts_by_round"]}) > 1

@@ -105,7 +105,7 @@ def get_codec(name: str) -> Codec:
     return CODECS[name]
 
 
-def codec_by_code(code: int) -> Codec:
+def codec_by_code(code: int, field: str = "codec") -> Codec:
     if code not in BY_CODE:
-        raise ProtocolError(f"unknown codec code {code}; known: {sorted(BY_CODE)}", field="codec")
+        raise ProtocolError(f"unknown codec code {code}; known: {sorted(BY_CODE)}", field=field)
     return BY_CODE[code]

@@ -11,93 +11,189 @@ from __future__ import annotations
 import torch
 
 from splitcom.compress.codecs import get_codec
-from splitcom.compress.temporal import TemporalReceiver, TemporalSender
+from splitcom.compress.prefix import PrefixSender, PrefixStore
+from splitcom.compress.temporal import TemporalReceiver, TemporalSender, projection
 from splitcom.errors import ProtocolError
-from splitcom.protocol.messages import SampleTensor, Stream, TensorMsg
+from splitcom.protocol.messages import PrefixRef, SampleTensor, Stream, TensorMsg
+
+PREFIX_BYTES = 24  # ref_key u64 | ref_len u32 | own_key u64 | own_len u32 (protocol/serde.py)
 
 
 class Outgoing:
+    """One sending end. Per sample, in order: REUSE when the summary test passes; else DELTA against the
+    receiver's copy (``refresh=delta``, same length); else FULL, with the rows after a shared prompt
+    prefix only (``prefix``). It mirrors what the receiver holds (``held``) wherever a later decision
+    needs it: the sample's tensor for DELTA, a key's rows for PREFIX, the summary for ``decoded``."""
+
     def __init__(self, stream: Stream, codec: str, hidden: int, *, reuse: bool = False, projection_dim: int = 16,
                  seed: int = 0, max_reuse_streak: int | None = None, threshold: float = 1.0,
-                 summary_of: str = "source"):
+                 summary_of: str = "source", refresh: str = "full", delta_codec: str = "int4",
+                 prefix: bool = False, entropy: str = "none", store: str = "memory", directory: str | None = None):
         self.stream, self.codec, self.hidden = stream, get_codec(codec), hidden
         self.sender = TemporalSender(hidden, projection_dim, seed, stream.name, max_reuse_streak) if reuse else None
         self.threshold = threshold
         # `source`: summarise the tensor before the codec, so a lossy codec's own error is not taken for
         # drift (it is there whether or not we resend); `decoded`: summarise what the receiver holds.
         self.summary_of = summary_of
-        self.sent_full = self.sent_reuse = 0
-        self.bytes_saved = 0  # payload bytes not sent thanks to REUSE
+        self.delta_codec = get_codec(delta_codec)
+        # the receiver's copy of every sample, kept exactly (needed only to code residuals against it)
+        self.mirror = TemporalReceiver(store, directory) if reuse and refresh == "delta" else None
+        self.prefix = PrefixSender() if prefix else None
+        self._R = self.sender.R if self.sender is not None else projection(hidden, min(16, hidden), seed, stream.name)
+        self.entropy = entropy
+        self.sent_full = self.sent_reuse = self.sent_delta = 0
+        self.bytes_saved = 0  # payload bytes not sent thanks to REUSE, DELTA and shared prefixes
+        self.delta_bytes = self.prefix_bytes_saved = 0
 
-    def encode(self, sample_id: int, row: torch.Tensor) -> SampleTensor:  # row: [T_i, H]
-        n = row.shape[0]
+    def _summarize(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, r]
+        return x.detach().to("cpu", torch.float32) @ self._R
+
+    def _sent(self, sample_id: int, row: torch.Tensor, held) -> None:
+        """Bookkeeping after a FULL/DELTA: ``held()`` is the tensor the receiver now keeps."""
+        if self.sender is not None:
+            self.sender.mark_sent(sample_id, row if self.summary_of == "source" else held())
+        if self.mirror is not None:
+            self.mirror.put(sample_id, held())
+
+    def encode(self, sample_id: int, row: torch.Tensor, tokens: tuple[int, ...] | None = None) -> SampleTensor:
+        n, h = row.shape[0], self.hidden  # row: [T_i, H]
         if self.sender is not None and self.sender.should_reuse(sample_id, row, self.threshold):
             self.sender.mark_reused(sample_id)
             self.sent_reuse += 1
-            self.bytes_saved += self.codec.nbytes(n, self.hidden)
+            self.bytes_saved += self.codec.nbytes(n, h)
             return SampleTensor(sample_id, n, None)
-        payload = self.codec.encode(row)
-        if self.sender is not None:
-            self.sender.mark_sent(sample_id, row if self.summary_of == "source"
-                                  else self.codec.decode(payload, n, self.hidden))
         self.sent_full += 1
-        return SampleTensor(sample_id, n, payload)
+        if self.mirror is not None and sample_id in self.mirror and self.mirror.length(sample_id) == n:
+            held = self.mirror.get(sample_id, n)
+            payload = self.delta_codec.encode(row.detach().to("cpu", torch.float32) - held)
+            new = held + self.delta_codec.decode(payload, n, h)  # exactly the receiver's sum
+            self._sent(sample_id, row, lambda: new)
+            self.sent_delta += 1
+            self.delta_bytes += len(payload)
+            self.bytes_saved += self.codec.nbytes(n, h) - len(payload)
+            return SampleTensor(sample_id, n, payload, delta=True)
+        if self.prefix is None or tokens is None:
+            payload = self.codec.encode(row)
+            self._sent(sample_id, row, lambda: self.codec.decode(payload, n, h))
+            return SampleTensor(sample_id, n, payload)
+        tokens = tuple(tokens[:n])
+        key, length = self.prefix.match(tokens, row, self.threshold, self._summarize)
+        payload = self.codec.encode(row[length:])
+        rest = self.codec.decode(payload, n - length, h)
+        held = torch.cat([self.prefix.held(key, length), rest]) if length else rest
+        own_key = own_len = 0
+        if tokens and not (key and length == len(tokens)):  # the prompt is not all covered: register it
+            own_len = len(tokens)
+            own_key = self.prefix.register(tokens, self._summarize(row[:own_len]), held[:own_len])
+        self.prefix.rows_shared += length
+        saved = self.codec.nbytes(n, h) - self.codec.nbytes(n - length, h) - PREFIX_BYTES
+        self.prefix_bytes_saved += saved
+        self.bytes_saved += saved
+        self._sent(sample_id, row, lambda: held)
+        return SampleTensor(sample_id, n, payload, prefix=PrefixRef(key, length, own_key, own_len))
 
     def message(self, client_id: int, step: int, sample_ids, rows, scalar: float = 0.0,
-                skip: set[int] | None = None) -> TensorMsg:
+                skip: set[int] | None = None, tokens: list[tuple[int, ...]] | None = None) -> TensorMsg:
+        """``tokens``: each sample's prompt token ids, for prefix sharing (ignored without it)."""
         skip = skip or set()
-        samples = [SampleTensor(sid, r.shape[0], None, skip=True) if sid in skip else self.encode(sid, r)
-                   for sid, r in zip(sample_ids, rows, strict=True)]
-        return TensorMsg(self.stream, client_id, step, self.codec.name, self.hidden, samples, scalar)
+        if self.prefix is not None:
+            self.prefix.next_message()
+        tokens = tokens if tokens is not None else [None] * len(rows)
+        samples = [SampleTensor(sid, r.shape[0], None, skip=True) if sid in skip else self.encode(sid, r, t)
+                   for sid, r, t in zip(sample_ids, rows, tokens, strict=True)]
+        return TensorMsg(self.stream, client_id, step, self.codec.name, self.hidden, samples, scalar,
+                         self.delta_codec.name, self.entropy)
+
+    def forget(self) -> None:
+        """Drop everything assumed about the receiver (after a rejoin it may hold none of it): every
+        sample and prompt goes FULL once more."""
+        if self.sender is not None:
+            self.sender.summaries.clear()
+            self.sender.streak.clear()
+            self.sender.last_similarity.clear()
+        if self.mirror is not None:
+            self.mirror.clear()
+        if self.prefix is not None:
+            self.prefix.entries.clear()
 
     @property
     def cache_bytes(self) -> int:
-        return 0 if self.sender is None else self.sender.memory_bytes
+        """Sender memory: summaries, the mirror of the receiver's tensors (DELTA) and of its prefixes."""
+        return sum(0 if x is None else x.memory_bytes for x in (self.sender, self.mirror, self.prefix))
 
     @property
     def reuse_ratio(self) -> float:
         return self.sent_reuse / max(self.sent_full + self.sent_reuse, 1)
 
+    def counts(self) -> dict[str, int]:
+        return {"full": self.sent_full - self.sent_delta, "reuse": self.sent_reuse, "delta": self.sent_delta,
+                "delta_bytes": self.delta_bytes, "prefix_rows_shared": self.prefix.rows_shared if self.prefix else 0,
+                "prefix_bytes_saved": self.prefix_bytes_saved, "cache_bytes": self.cache_bytes}
+
+
+_COUNTS = ("sent_full", "sent_reuse", "bytes_saved", "sent_delta", "delta_bytes", "prefix_bytes_saved")
+
 
 def end_counts(ends: dict) -> dict[str, list[int]]:
-    """The FULL/REUSE/bytes-saved counters of some outgoing stream ends (for a checkpoint)."""
-    return {s.name: [e.sent_full, e.sent_reuse, e.bytes_saved] for s, e in ends.items() if isinstance(e, Outgoing)}
+    """The counters of some outgoing stream ends (for a checkpoint)."""
+    return {s.name: [getattr(e, k) for k in _COUNTS] for s, e in ends.items() if isinstance(e, Outgoing)}
 
 
 def set_end_counts(ends: dict, counts: dict[str, list[int]]) -> None:
     for s, e in ends.items():
         if s.name in counts:
-            e.sent_full, e.sent_reuse, e.bytes_saved = counts[s.name]
+            for k, v in zip(_COUNTS, counts[s.name], strict=False):  # older checkpoints hold the first three
+                setattr(e, k, v)
 
 
 class Incoming:
     def __init__(self, stream: Stream, hidden: int, *, reuse: bool = False, store: str = "memory",
-                 directory: str | None = None):
+                 directory: str | None = None, prefix: bool = False):
         self.stream, self.hidden = stream, hidden
         self.receiver = TemporalReceiver(store, directory) if reuse else None
+        self.prefixes = PrefixStore() if prefix else None
 
     def decode(self, msg: TensorMsg, sample_ids: list[int] | None = None) -> list[torch.Tensor | None]:
-        """Rows of a message (None for SKIP); validates everything before the cache changes."""
+        """Rows of a message (None for SKIP); validates everything before any cache changes."""
         if msg.stream != self.stream:
             raise ProtocolError(f"expected {self.stream.name}, got {msg.stream.name}", field="stream")
         if msg.hidden != self.hidden:
             raise ProtocolError(f"hidden {msg.hidden} != model hidden {self.hidden}", field="hidden")
         if sample_ids is not None and [s.sample_id for s in msg.samples] != list(sample_ids):
             raise ProtocolError("sample ids do not match the request", field="samples")
-        codec, rows = get_codec(msg.codec), []
+        codec, delta_codec, rows = get_codec(msg.codec), get_codec(msg.delta_codec), []
+        staged: dict[int, torch.Tensor] = {}  # prefixes registered by this message
         for i, s in enumerate(msg.samples):
+            where = f"samples[{i}]"
             if s.skip:
                 rows.append(None)
-            elif s.reuse:
-                if self.receiver is None:
-                    raise ProtocolError(f"REUSE for sample id {s.sample_id}, but temporal reuse is off on "
-                                        f"{self.stream.name}", field=f"samples[{i}]")
-                rows.append(self.receiver.get(s.sample_id, s.length, field=f"samples[{i}].sample_id"))
+                continue
+            if (s.reuse or s.delta) and self.receiver is None:
+                raise ProtocolError(f"{'REUSE' if s.reuse else 'DELTA'} for sample id {s.sample_id}, but temporal "
+                                    f"reuse is off on {self.stream.name}", field=where)
+            if s.reuse:
+                rows.append(self.receiver.get(s.sample_id, s.length, field=f"{where}.sample_id"))
+                continue
+            if s.delta:
+                held = self.receiver.get(s.sample_id, s.length, field=f"{where}.sample_id", what="DELTA")
+                x = held + delta_codec.decode(s.payload, s.length, msg.hidden)
+            elif s.prefix is not None:
+                if self.prefixes is None:
+                    raise ProtocolError(f"PREFIX for sample id {s.sample_id}, but prefix sharing is off on "
+                                        f"{self.stream.name}", field=where)
+                p = s.prefix
+                rest = codec.decode(s.payload, s.length - p.ref_len, msg.hidden)
+                x = torch.cat([self.prefixes.get(p.ref_key, p.ref_len, f"{where}.prefix.ref_key", staged), rest]) \
+                    if p.ref_len else rest
+                if p.own_key:
+                    staged[p.own_key] = x[: p.own_len].clone()
             else:
                 x = codec.decode(s.payload, s.length, msg.hidden)
-                if not torch.isfinite(x).all():
-                    raise ProtocolError(f"NaN or Inf in sample id {s.sample_id}", field=f"samples[{i}].payload")
-                rows.append(x)
+            if not torch.isfinite(x).all():
+                raise ProtocolError(f"NaN or Inf in sample id {s.sample_id}", field=f"{where}.payload")
+            rows.append(x)
+        if self.prefixes is not None:
+            self.prefixes.update(staged)
         if self.receiver is not None:
             for s, x in zip(msg.samples, rows, strict=True):
                 if x is not None and not s.reuse:
@@ -106,18 +202,26 @@ class Incoming:
 
     @property
     def cache_bytes(self) -> int:
-        return 0 if self.receiver is None else self.receiver.memory_bytes
+        return sum(0 if x is None else x.memory_bytes for x in (self.receiver, self.prefixes))
 
 
 def stream_ends(temporal, codec: str, grad_codec: str, hidden: int, seed: int, sends: list[Stream],
-                receives: list[Stream], cache_dir: str | None = None) -> tuple[dict, dict]:
-    """The Outgoing/Incoming ends one side owns, with temporal reuse where the config asks for it."""
+                receives: list[Stream], cache_dir: str | None = None, *, prefix: bool = False,
+                entropy: str = "none") -> tuple[dict, dict]:
+    """The Outgoing/Incoming ends one side owns, with temporal reuse where the config asks for it and
+    prompt-prefix sharing on act_up (the only stream whose sender knows the tokens)."""
     on = set(temporal.streams) if temporal is not None and temporal.enabled else set()
+    where = lambda s, suffix="": None if cache_dir is None else f"{cache_dir}/{s.name}{suffix}"  # noqa: E731
     out = {s: Outgoing(s, codec if s.name.startswith("act") else grad_codec, hidden, reuse=s.name in on,
                        projection_dim=temporal.projection_dim if temporal else 16, seed=seed,
                        max_reuse_streak=temporal.max_reuse_streak if temporal else None,
-                       threshold=temporal.threshold if temporal else 1.0,
-                       summary_of=temporal.summary_of if temporal else "source") for s in sends}
+                       threshold=temporal.threshold_of(s.name) if temporal else 1.0,
+                       summary_of=temporal.summary_of if temporal else "source",
+                       refresh=temporal.refresh if temporal else "full",
+                       delta_codec=temporal.delta_codec if temporal else "int4",
+                       prefix=prefix and s == Stream.act_up, entropy=entropy,
+                       store=temporal.store if temporal else "memory", directory=where(s, "-mirror"))
+           for s in sends}
     inc = {s: Incoming(s, hidden, reuse=s.name in on, store=temporal.store if temporal else "memory",
-                       directory=None if cache_dir is None else f"{cache_dir}/{s.name}") for s in receives}
+                       directory=where(s), prefix=prefix and s == Stream.act_up) for s in receives}
     return out, inc

@@ -103,16 +103,19 @@ class TemporalReceiver:
         else:
             np.save(self.dir / f"{sample_id}.npy", x.numpy())
 
-    def get(self, sample_id: int, length: int, field: str = "sample_id") -> torch.Tensor:
+    def get(self, sample_id: int, length: int, field: str = "sample_id", what: str = "REUSE") -> torch.Tensor:
         shape = self._shapes.get(sample_id)
         if shape is None:
-            raise ProtocolError(f"REUSE for sample id {sample_id}, which was never sent FULL", field=field)
+            raise ProtocolError(f"{what} for sample id {sample_id}, which was never sent FULL", field=field)
         if shape[0] != length:
-            raise ProtocolError(f"REUSE for sample id {sample_id} with length {length}, cached length {shape[0]}",
+            raise ProtocolError(f"{what} for sample id {sample_id} with length {length}, cached length {shape[0]}",
                                 field=field)
         if self.store == "memory":
             return self._mem[sample_id]
         return torch.from_numpy(np.load(self.dir / f"{sample_id}.npy"))
+
+    def length(self, sample_id: int) -> int:
+        return self._shapes[sample_id][0]
 
     def __contains__(self, sample_id: int) -> bool:
         return sample_id in self._shapes
@@ -121,6 +124,13 @@ class TemporalReceiver:
     def memory_bytes(self) -> int:
         """Bytes held by the cache (RAM for `memory`, disk for `disk`)."""
         return sum(int(np.prod(s)) * 4 for s in self._shapes.values())
+
+    def clear(self) -> None:
+        if self.store == "disk":
+            for sid in self._shapes:
+                (self.dir / f"{sid}.npy").unlink(missing_ok=True)
+        self._mem.clear()
+        self._shapes.clear()
 
     def close(self) -> None:
         if self._own_dir and self.dir is not None:

@@ -12,11 +12,17 @@ import random
 import torch
 
 from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
-from splitcom.data.tokenize import Batch, Sample, collate
-from splitcom.models.adapters import AdapterBank, rank_caps
+from splitcom.data.tokenize import IGNORE, Batch, Sample, collate
+from splitcom.models.adapters import AdapterBank, adapter_optimizer, rank_caps
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, Stream
 from splitcom.transport.base import Channel
+
+
+def prompt_length(labels: torch.Tensor) -> int:
+    """Leading positions without a loss (the prompt) in one sample's labels ``[T]``."""
+    scored = (labels != IGNORE).nonzero()
+    return int(scored[0]) if len(scored) else int(labels.shape[0])
 
 
 class SplitClient:
@@ -24,7 +30,8 @@ class SplitClient:
                  samples: list[Sample], *, lr: float, weight_decay: float = 0.0, codec: str = "fp32",
                  grad_codec: str = "fp32", batch_size: int = 8, pad_id: int = 0, seed: int = 0,
                  device: torch.device | str = "cpu", temporal=None, tail_layers: int = 0,
-                 cut_rank: int | None = None, adapter_codec: str = "fp32"):
+                 cut_rank: int | None = None, adapter_codec: str = "fp32", prefix: bool = False,
+                 entropy: str = "none"):
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.device = torch.device(device)
@@ -37,7 +44,9 @@ class SplitClient:
         self.set_cut(cut)
         sends = [Stream.act_up] + ([Stream.grad_up] if self.ushape else [])
         receives = [Stream.grad_down] + ([Stream.act_down] if self.ushape else [])
-        self.out, self.inc = stream_ends(temporal, codec, grad_codec, split.hidden_size, seed, sends, receives)
+        self.out, self.inc = stream_ends(temporal, codec, grad_codec, split.hidden_size, seed, sends, receives,
+                                         prefix=prefix, entropy=entropy)
+        self.prefix, self.entropy = prefix, entropy
         self.labels_sent: set[int] = set()  # standard mode: the server caches labels, each goes up once
         self.tokens_forwarded = 0
 
@@ -48,8 +57,8 @@ class SplitClient:
         self.layers = list(range(cut)) + (list(range(self.tail_start, self.split.num_layers)) if self.ushape else [])
         if self.cut_rank is not None:  # the blocks next to the new cut get the cut rank
             self.bank.cap_ranks(self.adapter, rank_caps(self.cut_rank, cut, self.tail_start if self.ushape else None))
-        self.optimizer = torch.optim.AdamW(self.bank.parameters(self.adapter, self.layers), lr=self.lr,
-                                           weight_decay=self.weight_decay)
+        self.optimizer = adapter_optimizer(self.bank.parameters(self.adapter, self.layers), self.lr,
+                                           self.weight_decay)
 
     # kept for the rounds loop: the act_up end is the one the controller steers in standard mode
     @property
@@ -57,9 +66,10 @@ class SplitClient:
         return self.out[Stream.act_up].threshold
 
     @threshold.setter
-    def threshold(self, value: float) -> None:
-        for end in self.out.values():
-            end.threshold = value
+    def threshold(self, value: float | dict[str, float]) -> None:
+        """One threshold for every stream this client sends, or a map by stream name."""
+        for stream, end in self.out.items():
+            end.threshold = value.get(stream.name, end.threshold) if isinstance(value, dict) else value
 
     @property
     def num_samples(self) -> int:
@@ -84,10 +94,14 @@ class SplitClient:
             new = {sid: batch.labels[i, :n].tolist() for i, (sid, n) in enumerate(zip(sids, lengths, strict=True))
                    if sid not in self.labels_sent}
             if new:
-                self.channel.send(LabelsMsg(self.cid, step, new))
+                self.channel.send(LabelsMsg(self.cid, step, new, self.entropy))
                 self.labels_sent.update(new)
         # per sample [T_i, H]: no padding on the wire
-        reply = self.channel.request(self.out[Stream.act_up].message(self.cid, step, sids, unpad(h.detach(), lengths)))
+        # prompt token ids per sample (the leading positions whose label is IGNORE), for prefix sharing
+        prompts = [tuple(batch.input_ids[i, : prompt_length(batch.labels[i])].tolist()) for i in range(len(sids))] \
+            if self.prefix else None
+        reply = self.channel.request(self.out[Stream.act_up].message(self.cid, step, sids, unpad(h.detach(), lengths),
+                                                                     tokens=prompts))
         loss = reply.scalar
         if self.ushape:  # reply is act_down: run the tail and the loss here, send the gradient up
             h2 = pad(self.inc[Stream.act_down].decode(reply, sids), h.shape[1]).to(self.device).requires_grad_(True)
@@ -124,7 +138,7 @@ class SplitClient:
     def state_dict(self) -> dict:
         """What a restarted client needs at a round boundary (its adapter is the global one there, but a
         shared bank or a cut rank makes its own copy the safe thing to keep)."""
-        return {"cut": self.cut, "adapter": self.bank.state(self.adapter, self.layers),
+        return {"cut": self.cut, "adapter": self.bank.state(self.adapter, self.layers, copy=False),
                 "optimizer": self.optimizer.state_dict(), "labels_sent": sorted(self.labels_sent),
                 "tokens_forwarded": self.tokens_forwarded, "ends": end_counts(self.out)}
 
@@ -138,7 +152,8 @@ class SplitClient:
 
     def push_adapters(self, round_: int) -> None:
         self.channel.send(AdapterMsg(Stream.adapters_up, self.cid, round_, float(self.num_samples),
-                                     self.bank.state(self.adapter, self.layers), self.cut, self.adapter_codec))
+                                     self.bank.state(self.adapter, self.layers), self.cut, self.adapter_codec,
+                                     self.entropy))
 
     def pull_adapters(self, round_: int) -> None:
         """Load the global adapter for this client's blocks; when the server moved the cut (adaptive cuts),

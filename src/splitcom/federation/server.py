@@ -7,7 +7,6 @@ it never raises out of ``handle_bytes``, and never touches another client's stat
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 
@@ -18,7 +17,7 @@ from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.aggregate import fedavg, split_by_layer
-from splitcom.models.adapters import GLOBAL, AdapterBank, rank_caps, truncate_ranks
+from splitcom.models.adapters import GLOBAL, SLOT, AdapterBank, adapter_optimizer, rank_caps, truncate_ranks
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol import serde
 from splitcom.protocol.messages import (
@@ -44,8 +43,9 @@ class SplitServer:
                  device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None,
                  codec: str = "fp32", tail_layers: int = 0, seed: int = 0,
                  weights: dict[int, float] | None = None, cut_rank: int | None = None,
-                 adapter_codec: str = "fp32"):
+                 adapter_codec: str = "fp32", prefix: bool = False, entropy: str = "none"):
         self.split, self.bank, self.cuts = split, bank, dict(cuts)
+        self.prefix, self.entropy = prefix, entropy
         self.cut_rank = None if server_adapters == "shared" else cut_rank  # (prepare refuses shared + cut rank)
         self.mode, self.device, self.adapter_codec = server_adapters, torch.device(device), adapter_codec
         # FedAvg weights the server knows (sample counts); a client's claim must match, or one client
@@ -62,7 +62,7 @@ class SplitServer:
         for cid in cuts:
             self.out[cid], self.inc[cid] = stream_ends(
                 temporal, codec, grad_codec, split.hidden_size, seed, sends, receives,
-                None if cache_dir is None else f"{cache_dir}/client{cid}")
+                None if cache_dir is None else f"{cache_dir}/client{cid}", prefix=prefix, entropy=entropy)
         self._lock = threading.Lock()  # the server serves one request at a time
         self.labels: dict[int, dict[int, list[int]]] = {cid: {} for cid in cuts}
         self.pending: dict[int, tuple] = {}  # U-shape: client -> (h_in, h_out, lengths, sample ids, reused)
@@ -76,7 +76,7 @@ class SplitServer:
         for cid in self.cuts:
             view = (split, bank)
             if self.mode == "per_client_copies":
-                model = copy.deepcopy(bank.model)
+                model = bank.copy_model()
                 view = (SplitModel(model), AdapterBank(model))
             self.views[cid] = view
             if self.body_adapter(cid) not in view[1].names:
@@ -89,7 +89,7 @@ class SplitServer:
     def _optimizer(self, cid: int) -> None:
         name = self.body_adapter(cid)
         params = self.views[cid][1].parameters(name, self.server_layers(None if self.mode == "shared" else cid))
-        self.optimizers[name] = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        self.optimizers[name] = adapter_optimizer(params, self.lr, self.weight_decay)
 
     def _cap(self, cid: int) -> None:
         if self.cut_rank is not None:
@@ -159,7 +159,7 @@ class SplitServer:
         if msg.kind == "pull_adapters":
             return AdapterMsg(Stream.adapters_down, msg.client_id, self.round, 0.0, truncate_ranks(
                 split_by_layer(self.global_state, self.client_layers(msg.client_id)), self.rank_caps(msg.client_id)),
-                self.cuts[msg.client_id], self.adapter_codec)
+                self.cuts[msg.client_id], self.adapter_codec, self.entropy)
         raise ProtocolError(f"unknown control kind {msg.kind!r}", field="kind")
 
     def _check_upload(self, msg: AdapterMsg) -> None:
@@ -264,10 +264,11 @@ class SplitServer:
         opt.step()
         return self._grad_down(cid, step, h, lengths, sids, reused, msg.scalar)
 
-    def set_threshold(self, value: float) -> None:
+    def set_threshold(self, value: float | dict[str, float]) -> None:
+        """One threshold for every stream the server sends, or a map by stream name."""
         for ends in self.out.values():
-            for end in ends.values():
-                end.threshold = value
+            for stream, end in ends.items():
+                end.threshold = value.get(stream.name, end.threshold) if isinstance(value, dict) else value
 
     def reuse_by_stream(self) -> dict[str, tuple[int, int]]:
         """(FULL, REUSE) sample transfers per stream the server sends."""
@@ -284,14 +285,18 @@ class SplitServer:
 
     def state_bytes(self) -> dict[str, int]:
         """Measured server state: parameters and buffers of every model it holds (shared storage
-        counted once), optimizer state, and temporal caches."""
+        counted once; what is bound into the slot belongs to its adapter), the adapters it trains for
+        its blocks, optimizer state, and temporal caches."""
         seen, params = set(), 0
-        for _, bank in self.views.values():
-            for t in [*bank.model.parameters(), *bank.model.buffers()]:
-                key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-                if key not in seen:
-                    seen.add(key)
-                    params += key[1]
+        tensors = [t for bank in {id(b): b for _, b in self.views.values()}.values()
+                   for n, t in [*bank.model.named_parameters(), *bank.model.named_buffers()] if f".{SLOT}." not in n]
+        tensors += [p for cid in self.cuts for p in self.views[cid][1].parameters(
+            self.body_adapter(cid), self.server_layers(None if self.mode == "shared" else cid))]
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                params += key[1]
         optim = sum(v.numel() * v.element_size() for opt in self.optimizers.values()
                     for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
         return {"parameters": params, "optimizer": optim, "caches": self.cache_bytes,
@@ -312,7 +317,7 @@ class SplitServer:
         with self._lock:
             banks = self.banks()
             return {"cuts": dict(self.cuts), "global": self.global_state, "round": self.round,
-                    "adapters": {n: b.state(n) for n, b in banks.items()},
+                    "adapters": {n: b.state(n, copy=False) for n, b in banks.items()},
                     "optimizers": {n: self.optimizers[n].state_dict() for n in banks},
                     "labels": self.labels, "ends": {cid: end_counts(self.out[cid]) for cid in self.cuts}}
 
@@ -338,12 +343,12 @@ class SplitServer:
             for cid, up in sorted(self.uploads.items()):
                 state = dict(up.tensors)
                 if self.mode != "shared":
-                    state.update(self.views[cid][1].state(client_adapter(cid), self.server_layers(cid)))
+                    state.update(self.views[cid][1].state(client_adapter(cid), self.server_layers(cid), copy=False))
                 contributions.append((up.weight, state))
             if self.mode == "shared":  # one copy of the server blocks, already trained on everyone
                 for layer in self.server_layers(None):  # weighted by the clients it served at that block
                     w = sum(up.weight for cid, up in self.uploads.items() if layer in self.server_layers(cid))
-                    contributions.append((w, self.bank.state(SHARED, [layer])))
+                    contributions.append((w, self.bank.state(SHARED, [layer], copy=False)))
             if contributions:
                 # a block that only capped (cut-rank) copies hold averages to that rank: loading pads it
                 # back into the full-rank global adapter

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from splitcom.config import Config, dump_config, load_config
+from splitcom.config import Config, config_diff, dump_config, load_config
 from splitcom.errors import UserError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.centralized import CentralizedTrainer
@@ -45,7 +45,7 @@ def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
                        server_adapters=cfg.federation.server_adapters, grad_codec=c.grad_codec, device=s.device,
                        temporal=c.temporal, cache_dir=cache_dir, codec=c.codec, tail_layers=tail_layers(cfg),
                        seed=cfg.train.seed, weights=weights, cut_rank=cfg.model.lora.cut_rank,
-                       adapter_codec=c.adapter_codec)
+                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy)
 
 
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
@@ -55,7 +55,7 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
                        weight_decay=t.weight_decay, codec=c.codec, grad_codec=c.grad_codec,
                        tail_layers=tail_layers(cfg), batch_size=t.batch_size, pad_id=s.pad_id, seed=t.seed,
                        device=s.device, temporal=c.temporal, cut_rank=cfg.model.lora.cut_rank,
-                       adapter_codec=c.adapter_codec)
+                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy)
 
 
 def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
@@ -75,10 +75,10 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     path = out / CHECKPOINT
     if not path.is_file():
         raise UserError("no checkpoint to resume from (no epoch had finished)", where=str(path))
-    same = lambda a, b: a.model_dump(exclude={"logging"}) == b.model_dump(exclude={"logging"})  # noqa: E731
-    if (out / "config.yaml").is_file() and not same(load_config(out / "config.yaml"), cfg):
-        raise UserError("the config differs from the run's own config.yaml (resume takes it as it is)",
-                        where=str(out / "config.yaml"))
+    diff = config_diff(load_config(out / "config.yaml"), cfg, {"logging"}) if (out / "config.yaml").is_file() else []
+    if diff:
+        raise UserError(f"the config differs from the run's own config.yaml in {', '.join(diff)} (resume takes "
+                        "it as it is: drop those --set)", where=str(out / "config.yaml"))
     return torch.load(path, weights_only=True)
 
 
@@ -187,7 +187,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                             completed=(first_epoch - 1) * sum(plans))
         for epoch in range(first_epoch, cfg.train.epochs + 1):
             if sfl:
-                reuse.begin_epoch(counter.by_stream().get("act_up", 0))
+                reuse.begin_epoch(counter.by_stream())
             batches = [w.epoch_batches(epoch) for w in workers]
             losses, since_round = [], 0
             for step in range(max(len(b) for b in batches)):
@@ -219,7 +219,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             val_loss, val_ppl = validate(epoch)
             if sfl:
                 simulated_by_epoch.append(fleet.clock.now - sum(simulated_by_epoch))
-                log.write("reuse", **reuse.end_epoch(epoch, val_loss, counter.by_stream().get("act_up", 0)))
+                log.write("reuse", **reuse.end_epoch(epoch, val_loss, counter.by_stream()))
             val_losses.append(val_loss)
             train_losses.append(sum(losses) / len(losses))
             s.bank.model.save_pretrained(str(out / "adapter"), selected_adapters=[GLOBAL])
@@ -232,6 +232,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             "reuse_ratio": reuse.reuse_ratio,
             "reuse_ratio_by_epoch": [r["reuse_ratio"] for r in reuse.by_epoch],
             "reuse_ratio_by_stream": reuse.by_stream(),
+            "transfers_by_stream": reuse.transfers(),
             "threshold_by_epoch": [r["threshold"] if cfg.compression.temporal.enabled else None
                                    for r in reuse.by_epoch],
             "client_cache_bytes": sum(c.cache_bytes for c in workers),

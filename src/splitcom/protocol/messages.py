@@ -28,16 +28,32 @@ DIRECTION = {
 }
 
 
+@dataclass(frozen=True)
+class PrefixRef:
+    """Prompt-prefix sharing on a FULL sample: rows ``[0, ref_len)`` are those the receiver keeps under
+    ``ref_key`` (the payload then codes rows ``[ref_len, length)`` only), and rows ``[0, own_len)`` of the
+    rebuilt tensor are kept under ``own_key`` for later samples. A key is 0 when absent."""
+
+    ref_key: int = 0
+    ref_len: int = 0
+    own_key: int = 0
+    own_len: int = 0
+
+
 @dataclass
 class SampleTensor:
-    """One sample's tensor: FULL (codec bytes of [length, hidden]), REUSE (payload None: the receiver
-    substitutes its cached copy) or SKIP (payload None, skip=True: no tensor for this sample, e.g. no
-    gradient for a reused activation under ``reused_grad=skip``)."""
+    """One sample's tensor: FULL (codec bytes of [length, hidden], or of its rows after a shared
+    prompt prefix when ``prefix`` is set), REUSE (payload None: the receiver substitutes its cached
+    copy), DELTA (``delta``: the payload codes ``X - held`` in the message's ``delta_codec``; the
+    receiver adds it to its cached copy) or SKIP (payload None, skip=True: no tensor for this sample,
+    e.g. no gradient for a reused activation under ``reused_grad=skip``)."""
 
     sample_id: int
     length: int  # T_i, real tokens of the sample
     payload: bytes | None
     skip: bool = False
+    delta: bool = False
+    prefix: PrefixRef | None = None
 
     @property
     def reuse(self) -> bool:
@@ -55,6 +71,8 @@ class TensorMsg:
     hidden: int
     samples: list[SampleTensor]
     scalar: float = 0.0  # e.g. the batch loss on grad_down
+    delta_codec: str = "fp32"  # codec of DELTA payloads (compression.temporal.delta_codec)
+    entropy: str = "none"  # lossless stage after the codec (compression.entropy)
 
 
 @dataclass
@@ -62,6 +80,7 @@ class LabelsMsg:
     client_id: int
     step: int
     labels: dict[int, list[int]]  # sample id -> per-token labels (IGNORE on the prompt)
+    entropy: str = "none"
 
 
 @dataclass
@@ -73,6 +92,7 @@ class AdapterMsg:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # canonical name -> fp32 tensor
     cut: int = 0  # the client's cut: up, the one it trained with; down, the one for the next round
     codec: str = "fp32"  # how the matrices travel (compression.adapter_codec); decoded tensors are fp32
+    entropy: str = "none"
 
 
 @dataclass

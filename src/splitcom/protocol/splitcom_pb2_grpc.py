@@ -97,7 +97,9 @@ class SplitComServicer:
         (LabelsMsg) and `act_up` (TensorMsg) messages; the server answers every message in order:
         an empty acknowledgement for labels, the `grad_down` TensorMsg for activations, or a status
         (INVALID_ARGUMENT naming the field) for a rejected message: that step is rejected, the stream
-        and the client go on. A corrupt envelope ends the stream with INVALID_ARGUMENT.
+        and the client go on. A corrupt envelope ends the stream with INVALID_ARGUMENT. In U-shape
+        (split.mode=ushape, no labels) a step is two exchanges: `act_up` is answered with the `act_down`
+        TensorMsg, then the client's `grad_up` TensorMsg with `grad_down`; the client keeps its turn between.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,6 +56,11 @@ class ClientOptions:
 COUNTERS = ("tokens_forwarded", "sent_full", "sent_reuse", "bytes_saved")
 
 
+def thresholds_of(reply) -> float | dict[str, float]:
+    """The per-stream thresholds of a JoinReply/PullReply, or its one threshold for every stream."""
+    return dict(reply.thresholds) if reply.thresholds else reply.threshold
+
+
 class ClientDriver:
     """The loop of one client process: the server's config, the same plan of rounds, SplitClient steps."""
 
@@ -90,7 +95,7 @@ class ClientDriver:
                     j = self.channel.last_join
                     log.info("client %d joined session %s at round %d of %d", self.cid, j.session, j.start_round,
                              len(self.plan))
-                    if j.finished or self._enter(j.start_round, j.threshold):
+                    if j.finished or self._enter(j.start_round, thresholds_of(j)):
                         break
                     if any(self._round(r) for r in range(j.start_round, len(self.plan))):
                         break
@@ -146,7 +151,7 @@ class ClientDriver:
     def _counters(self) -> dict:
         return {k: int(getattr(self.sc, k, 0)) for k in COUNTERS}
 
-    def _enter(self, start: int, threshold: float) -> bool:
+    def _enter(self, start: int, threshold: float | dict[str, float]) -> bool:
         """Get ready to train round ``start``: the optimizer state of its start where we have it, the
         server's global adapter, empty label and reuse caches (the server may have lost them)."""
         sc, fresh = self.sc, self.cur_round is None
@@ -162,7 +167,7 @@ class ClientDriver:
                 sc.bank.load(sc.adapter, sc.bank.state(GLOBAL, range(sc.cut)))
             else:
                 sc.pull_adapters(start - 1)
-                threshold = self.channel.last_pull.threshold
+                threshold = thresholds_of(self.channel.last_pull)
             sc.labels_sent.clear()
             forget_summaries(sc.out.values())
             self.last_pushed = self._counters()  # report only what the server will see from now on
@@ -195,7 +200,7 @@ class ClientDriver:
         sc.push_adapters(r)
         self.pushed, self.last_pushed = True, now
         sc.pull_adapters(r)
-        self.threshold = self.channel.last_pull.threshold
+        self.threshold = thresholds_of(self.channel.last_pull)
         log.info("client %d: round %d done (%d steps, mean loss %s)", self.cid, r, len(losses),
                  f"{sum(losses) / len(losses):.4f}" if losses else "-")
         return self.channel.last_pull.finished

@@ -89,7 +89,8 @@ class Coordination:
         with self.cond:
             reply = self.server.handle_bytes(cid, call.payload)
             start = self.next_round
-            call.complete(reply, start_round=start, threshold=self.reuse.threshold, session=self.session,
+            call.complete(reply, start_round=start, threshold=self.reuse.threshold,
+                          thresholds=dict(self.reuse.thresholds), session=self.session,
                           finished=start >= len(self.plan))
             if call.status is not None:
                 return
@@ -215,7 +216,8 @@ class Coordination:
             if self.released < r:
                 raise Rejected("CANCELLED", "the client went away")
             threshold, finished = self.reuse.threshold, r >= len(self.plan) - 1
-        call.complete(self.server.handle_bytes(call.cid, call.payload), threshold=threshold, finished=finished)
+        call.complete(self.server.handle_bytes(call.cid, call.payload), threshold=threshold,
+                      thresholds=dict(self.reuse.thresholds), finished=finished)
         with self.cond:
             if self.current is not None and self.current.spec.index == r:
                 self.current.pulled.add(call.cid)

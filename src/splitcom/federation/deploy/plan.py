@@ -76,11 +76,8 @@ def forget_summaries(ends) -> None:
     """Empty the temporal senders of these stream ends: after a (re)join the receiving side may not hold
     what they remember, so every sample goes FULL once more."""
     for end in ends:
-        sender = getattr(end, "sender", None)
-        if sender is not None:
-            sender.summaries.clear()
-            sender.streak.clear()
-            sender.last_similarity.clear()
+        if hasattr(end, "forget"):
+            end.forget()
 
 
 def check_deployable(cfg: Config) -> None:

@@ -120,7 +120,7 @@ class ServerDriver(Coordination):
         for spec in self.plan[self.next_round:]:
             rnd = self._begin(spec)
             if spec.first_step == 0:
-                self.reuse.begin_epoch(self.counters.serde.by_stream().get("act_up", 0))
+                self.reuse.begin_epoch(self.counters.serde.by_stream())
                 self.losses = []
             self._train(rnd)
             self._collect_uploads(rnd)
@@ -314,7 +314,7 @@ class ServerDriver(Coordination):
         spec = rnd.spec
         if spec.ends_epoch:
             val_loss, val_ppl = self.server.evaluate(self.s.val, self.cfg.train.eval_batch_size, self.s.pad_id)
-            reuse_record = self.reuse.end_epoch(spec.epoch, val_loss, self.counters.serde.by_stream().get("act_up", 0))
+            reuse_record = self.reuse.end_epoch(spec.epoch, val_loss, self.counters.serde.by_stream())
         with self.cond:  # release the downloads, wait for them (so the counters match simulation's)
             self.released = spec.index
             self.cond.notify_all()
