@@ -355,7 +355,7 @@ def config_diff(a: Config, b: Config, exclude: set[str] | None = None) -> list[s
     def flat(tree: dict, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in tree.items():
-            if isinstance(v, dict) and v and not prefix + k == "compression.temporal.threshold":
+            if isinstance(v, dict) and v:
                 out.update(flat(v, f"{prefix}{k}."))
             else:
                 out[prefix + k] = v

@@ -14,9 +14,10 @@ from splitcom.compress.codecs import get_codec
 from splitcom.compress.prefix import PrefixSender, PrefixStore
 from splitcom.compress.temporal import TemporalReceiver, TemporalSender, projection
 from splitcom.errors import ProtocolError
+from splitcom.protocol import serde
 from splitcom.protocol.messages import PrefixRef, SampleTensor, Stream, TensorMsg
 
-PREFIX_BYTES = 24  # ref_key u64 | ref_len u32 | own_key u64 | own_len u32 (protocol/serde.py)
+PREFIX_BYTES = serde.PREFIX.size  # ref_key u64 | ref_len u32 | own_key u64 | own_len u32
 
 
 class Outgoing:
@@ -39,7 +40,9 @@ class Outgoing:
         # the receiver's copy of every sample, kept exactly (needed only to code residuals against it)
         self.mirror = TemporalReceiver(store, directory) if reuse and refresh == "delta" else None
         self.prefix = PrefixSender() if prefix else None
-        self._R = self.sender.R if self.sender is not None else projection(hidden, min(16, hidden), seed, stream.name)
+        # the prefix test's projection: the reuse sender's, or (prefix sharing without reuse) its own
+        self._R = self.sender.R if self.sender is not None else \
+            projection(hidden, min(projection_dim, hidden), seed, stream.name) if prefix else None
         self.entropy = entropy
         self.sent_full = self.sent_reuse = self.sent_delta = 0
         self.bytes_saved = 0  # payload bytes not sent thanks to REUSE, DELTA and shared prefixes
@@ -108,9 +111,7 @@ class Outgoing:
         """Drop everything assumed about the receiver (after a rejoin it may hold none of it): every
         sample and prompt goes FULL once more."""
         if self.sender is not None:
-            self.sender.summaries.clear()
-            self.sender.streak.clear()
-            self.sender.last_similarity.clear()
+            self.sender.clear()
         if self.mirror is not None:
             self.mirror.clear()
         if self.prefix is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitcom.compress.temporal import cosine
 from splitcom.errors import ProtocolError
 
 
@@ -69,9 +70,7 @@ class PrefixSender:
             e = self.entries[key]
             if e.batch == self.batch:  # same forward pass: exact
                 return key, length
-            a, b = summarize(rows[:length]).reshape(-1).double(), e.summary[:length].reshape(-1).double()
-            denom = float(a.norm() * b.norm())
-            if denom > 0 and float(a @ b) / denom >= threshold:
+            if cosine(summarize(rows[:length]), e.summary[:length]) >= threshold:
                 return key, length
         return 0, 0
 

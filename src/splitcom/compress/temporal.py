@@ -67,6 +67,11 @@ class TemporalSender:
             return False
         return sim >= threshold
 
+    def clear(self) -> None:
+        self.summaries.clear()
+        self.streak.clear()
+        self.last_similarity.clear()
+
     def mark_reused(self, sample_id: int) -> None:
         self.streak[sample_id] = self.streak.get(sample_id, 0) + 1
 
