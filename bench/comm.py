@@ -30,6 +30,16 @@ NAMES = {"e2e": "E2E", "webnlg": "WebNLG 2017"}
 DATASETS = {"e2e": (E2E, "trainset.csv"), "webnlg": (ROOT.parent / "shared" / "data" / "webnlg2017", "train")}
 T = "compression.temporal"
 
+# every stage of issue 11: reuse at 0.999, int8 activations, residual (int4) refreshes, shared prompt
+# prefixes, zstd on every message, int8 adapters sent as int4 deltas after the first exchange
+ALL = [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
+       "compression.prefix=true", "compression.entropy=zstd", "compression.adapter_codec=int8",
+       "compression.adapter_refresh=delta"]
+# U-shape: reuse on all four streams, act_up hard and the other three gently, int8 gradients too
+USHAPE_ALL = ["split.mode=ushape", "split.tail_layers=2", *ALL, f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
+              f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.99999}}",
+              "compression.grad_codec=int8"]
+
 ROWS: dict[str, list[str]] = {
     "baseline": [],
     "int8": ["compression.codec=int8"],
@@ -62,13 +72,22 @@ ROWS: dict[str, list[str]] = {
                 "compression.prefix=true"],
     "+zstd": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
               "compression.prefix=true", "compression.entropy=zstd"],
-    "all": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
-            "compression.prefix=true", "compression.entropy=zstd", "compression.adapter_codec=int8"],
-    "ushape+all": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
-                   f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
-                   f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.99999}}",
-                   "compression.codec=int8", "compression.grad_codec=int8", f"{T}.refresh=delta",
-                   "compression.prefix=true", "compression.entropy=zstd", "compression.adapter_codec=int8"],
+    "all": ALL,
+    "all+int2": [*ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2"],
+    # the threshold and the refresh codec trade the refresh waves of long runs against staleness
+    "all@0.995+int2": [f"{T}.enabled=true", f"{T}.threshold=0.995", "compression.codec=int8", f"{T}.refresh=delta",
+                       f"{T}.delta_codec=int2", "compression.prefix=true", "compression.entropy=zstd",
+                       "compression.adapter_codec=int8"],
+    "all@0.99": [f"{T}.enabled=true", f"{T}.threshold=0.99", "compression.codec=int8", f"{T}.refresh=delta",
+                 "compression.prefix=true", "compression.entropy=zstd", "compression.adapter_codec=int8"],
+    "bangbang+all": [*ALL, f"{T}.controller=bangbang", f"{T}.bangbang.aggressive=0.99",
+                     f"{T}.bangbang.conservative=0.9999"],
+    "ddpg+all": [*ALL, f"{T}.controller=ddpg", f"{T}.ddpg.low=0.99", f"{T}.ddpg.high=0.9999"],
+    "ushape+all": USHAPE_ALL,
+    "ushape+all+int2": [*USHAPE_ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2"],
+    "ushape+all+int2@0.9999": [*USHAPE_ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2",
+                               f"{T}.threshold={{act_up: 0.999, act_down: 0.9999, grad_up: 0.9999, "
+                               "grad_down: 0.9999}"],
     "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
                              f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                              "compression.codec=int4", "compression.grad_codec=int4"],
@@ -240,6 +259,8 @@ def plot(results: dict, args) -> None:
               ("U-shape: split traffic, 4 streams (MB, log)", split_bytes,
                [n for n in results if n.startswith("ushape")])]
     panels = [p for p in panels if p[2]]
+    if not panels:  # e.g. only the centralized row: nothing goes over the wire
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (xlabel, xof, names) in zip(axes[0], panels, strict=True):
         points: dict[tuple[float, float], list[str]] = {}

@@ -20,10 +20,12 @@ def test_expected_byte_counts():
     assert get_codec("int8").nbytes(10, 64) == 40 + 640
     assert get_codec("int4").nbytes(10, 64) == 40 + 320
     assert get_codec("int4").nbytes(1, 3) == 4 + 2  # odd count: the last byte holds one value
+    assert get_codec("int2").nbytes(10, 64) == 40 + 160
+    assert get_codec("int2").nbytes(1, 5) == 4 + 2  # four values a byte, the last byte partly used
 
 
 @pytest.mark.parametrize("name,bound", [("fp32", 0.0), ("fp16", 2**-11), ("bf16", 2**-8),
-                                        ("int8", 0.5 / 127), ("int4", 0.5 / 7)])
+                                        ("int8", 0.5 / 127), ("int4", 0.5 / 7), ("int2", 0.5)])
 def test_round_trip_error_bounds(name, bound):
     torch.manual_seed(0)
     # rows spanning four decades, kept away from fp16's subnormal range (below 6e-5)
@@ -38,7 +40,7 @@ def test_round_trip_error_bounds(name, bound):
 
 def test_int_codecs_keep_zero_rows_and_signs():
     x = torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.5, 1.0]])
-    for name in ("int8", "int4"):
+    for name in ("int8", "int4", "int2"):
         y = get_codec(name).decode(get_codec(name).encode(x), 2, 3)
         assert torch.equal(y[0], torch.zeros(3))
         assert y[1, 0] == -1.0 and y[1, 2] == 1.0
@@ -66,3 +68,10 @@ def test_adapter_codec_end_to_end(tmp_path):
     assert int8["bytes_by_stream"]["act_up"] == fp32["bytes_by_stream"]["act_up"]
     assert int8["val_loss"] < int8["initial_val_loss"]
     assert abs(int8["val_loss"] - fp32["val_loss"]) < 0.02 * fp32["val_loss"]
+
+
+def test_int2_packs_four_values_a_byte_lowest_bits_first():
+    x = torch.tensor([[1.0, -1.0, 0.0, 1.0, -1.0]])  # codes 1, 3 (-1), 0, 1 | 3
+    data = get_codec("int2").encode(x)
+    assert data[4:] == bytes([1 | 3 << 2 | 0 << 4 | 1 << 6, 3])
+    assert torch.equal(get_codec("int2").decode(data, 1, 5), x)

@@ -272,10 +272,11 @@ def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
       "compression.temporal.threshold": 0.3, "compression.codec": "int8", "compression.grad_codec": "int8",
       "compression.temporal.streams": ["act_up", "act_down", "grad_up", "grad_down"],
       "model.lora.cut_rank": 2, "compression.adapter_codec": "int8"}, "ushape"),
-    ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2}, "adaptive"),
+    ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2, "compression.adapter_refresh": "delta"}, "adaptive"),
     ({"compression.temporal.enabled": True, "train.epochs": 3, "compression.temporal.refresh": "delta",
       "compression.temporal.threshold": {"act_up": 0.999}, "compression.prefix": True, "compression.entropy": "zstd",
-      "compression.codec": "int8"}, "delta"),
+      "compression.codec": "int8", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8"},
+     "delta"),
 ])
 def test_in_process_deployment(tmp_path, over, exact):
     """Server and clients as threads of this process, over gRPC loopback. With temporal reuse and a

@@ -36,7 +36,7 @@ def _pair(refresh="delta", delta_codec="int4", prefix=False, threshold=0.9):
     return out, inc
 
 
-@pytest.mark.parametrize("delta_codec", ["int4", "int8", "fp32"])
+@pytest.mark.parametrize("delta_codec", ["int2", "int4", "int8", "fp32"])
 @pytest.mark.parametrize("prefix", [False, True])
 def test_mirror_equals_receiver_bit_for_bit(delta_codec, prefix):
     """Random sequences of drift: every sample goes FULL, REUSE or DELTA (and PREFIX with prefix

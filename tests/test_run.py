@@ -119,6 +119,8 @@ VOLATILE = {"wall_s", "peak_rss_bytes"}
     ({"federation.mode": "centralized"}, True),
     ({"split.cut_policy": "adaptive", "federation.num_clients": 4, "model.lora.cut_rank": 2,
       "federation.aggregate_every": 2}, True),
+    ({"split.cut_policy": "adaptive", "federation.num_clients": 4, "compression.adapter_refresh": "delta",
+      "compression.adapter_codec": "int8", "compression.entropy": "zstd"}, True),
     ({"compression.temporal.enabled": True, "compression.temporal.controller": "bangbang",
       "compression.temporal.bangbang.aggressive": 0.3, "compression.temporal.bangbang.conservative": 0.6}, False),
 ])

@@ -43,15 +43,15 @@ def test_other_messages_round_trip():
 @pytest.mark.parametrize("codec,bound", [("fp32", 0.0), ("bf16", 2**-8), ("int8", 1 / 254), ("int4", 1 / 14)])
 def test_adapter_codecs_size_and_error(codec, bound):
     """Adapter matrices travel through the same codecs; LoRA B ([out, r]) is sent transposed so each
-    per-row scale covers a long row. Size: 13-byte extension, then per tensor name + dims + codec bytes."""
+    per-row scale covers a long row. Size: 21-byte extension, then per tensor name + dims + codec bytes."""
     a, b, z = torch.randn(8, 64), torch.randn(32, 8), torch.zeros(8, 5)
-    msg = AdapterMsg(Stream.adapters_down, 1, 2, 0.0, {"A": a, "B": b, "Z": z}, cut=3, codec=codec)
+    msg = AdapterMsg(Stream.adapters_down, 1, 2, 0.0, {"A": a, "B": b, "Z": z}, cut=3, codec=codec, base=2**64 - 3)
     data = serde.encode(msg)
     c = CODECS[codec]
-    header = 16 + 13 + 3 * (2 + 1 + 1 + 2 * 4)
+    header = 16 + 21 + 3 * (2 + 1 + 1 + 2 * 4)
     assert len(data) == header + c.nbytes(8, 64) + c.nbytes(8, 32) + c.nbytes(5, 8)
     back = serde.decode(data)
-    assert (back.cut, back.codec, back.stream) == (3, codec, Stream.adapters_down)
+    assert (back.cut, back.codec, back.stream, back.base) == (3, codec, Stream.adapters_down, 2**64 - 3)
     for name, t in msg.tensors.items():
         rowmax = (t.abs().amax(dim=1, keepdim=True) if name != "B" else t.abs().amax(dim=0, keepdim=True))
         assert back.tensors[name].shape == t.shape

@@ -188,7 +188,7 @@ class DDPGCfg(_Strict):
 
 
 STREAMS = ("act_up", "grad_down", "act_down", "grad_up")
-Codec = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+Codec = Literal["fp32", "fp16", "bf16", "int8", "int4", "int2"]
 
 
 def _unit_interval(v: float, key: str = "") -> float:
@@ -258,6 +258,11 @@ class CompressionCfg(_Strict):
     adapter_codec: Codec = Field(
         "fp32", description="Codec of the LoRA matrices exchanged every round (adapters_up/adapters_down); "
         "the server averages the decoded uploads and clients load the decoded download.")
+    adapter_refresh: Literal["full", "delta"] = Field(
+        "full", description="`delta`: after the first exchange, each round's adapters travel as the change "
+        "since what the receiver holds (both ends keep an exact mirror, named by a digest), coded with "
+        "`adapter_delta_codec`; `full`: the adapter itself with `adapter_codec`.")
+    adapter_delta_codec: Codec = Field("int4", description="Codec of adapter deltas (adapter_refresh=delta).")
     temporal: TemporalCfg = Field(default_factory=TemporalCfg)
 
 

@@ -1,7 +1,8 @@
 """Tensor codecs for one sample's ``[T, H]`` activation or gradient, with exact byte sizes.
 
 Integer codecs use per-token (per-row) absmax scales stored as fp32: int8 keeps 127 levels per
-sign, int4 keeps 7 and packs two values per byte (low nibble first). Pure functions: a codec maps a
+sign, int4 keeps 7 and packs two values per byte (low nibble first), int2 keeps {-1, 0, 1} and packs
+four values per byte (lowest bits first); int2 is meant for residuals (DELTA refreshes, adapter deltas). Pure functions: a codec maps a
 tensor to bytes and back; the byte count on the wire is ``len(encode(x))`` and equals ``nbytes``.
 """
 
@@ -66,19 +67,21 @@ class _Int(Codec):
         self.qmax = 2 ** (bits - 1) - 1
 
     def nbytes(self, t, h):
-        values = t * h if self.bits == 8 else (t * h + 1) // 2
-        return 4 * t + values  # fp32 scale per token, then the values
+        per_byte = 8 // self.bits
+        return 4 * t + (t * h + per_byte - 1) // per_byte  # fp32 scale per token, then the packed values
 
     def encode(self, x):
         x = x.detach().to("cpu", torch.float32)
         scale = x.abs().amax(dim=1) / self.qmax  # [T]
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(x / scale[:, None]), -self.qmax, self.qmax).to(torch.int8).numpy()
-        if self.bits == 4:
-            flat = (q.reshape(-1) & 0x0F).astype(np.uint8)
-            if flat.size % 2:
-                flat = np.append(flat, np.uint8(0))
-            q = flat[0::2] | (flat[1::2] << 4)
+        if self.bits < 8:
+            per_byte, mask = 8 // self.bits, (1 << self.bits) - 1
+            flat = (q.reshape(-1) & mask).astype(np.uint8)
+            flat = np.append(flat, np.zeros(-flat.size % per_byte, dtype=np.uint8)).reshape(-1, per_byte)
+            q = np.zeros(flat.shape[0], dtype=np.uint8)
+            for j in range(per_byte):  # value j of each byte sits at bits [j*bits, (j+1)*bits)
+                q |= flat[:, j] << (j * self.bits)
         return scale.numpy().astype(np.float32).tobytes() + q.tobytes()
 
     def _decode(self, data, t, h):
@@ -87,16 +90,18 @@ class _Int(Codec):
         if self.bits == 8:
             q = body.view(np.int8).astype(np.float32)
         else:
-            nib = np.empty(body.size * 2, dtype=np.uint8)
-            nib[0::2], nib[1::2] = body & 0x0F, body >> 4
-            q = nib[: t * h].astype(np.int8)
-            q = np.where(q > 7, q - 16, q).astype(np.float32)  # sign-extend the 4-bit values
+            per_byte, mask, half = 8 // self.bits, (1 << self.bits) - 1, 1 << (self.bits - 1)
+            vals = np.empty((body.size, per_byte), dtype=np.int16)
+            for j in range(per_byte):
+                vals[:, j] = (body >> (j * self.bits)) & mask
+            vals = vals.reshape(-1)[: t * h]
+            q = np.where(vals >= half, vals - (1 << self.bits), vals).astype(np.float32)  # sign-extend
         return torch.from_numpy(q.reshape(t, h) * scale[:, None])
 
 
 CODECS: dict[str, Codec] = {c.name: c for c in (
     _Float("fp32", 0, torch.float32), _Float("fp16", 1, torch.float16), _Float("bf16", 2, torch.bfloat16),
-    _Int("int8", 3, 8), _Int("int4", 4, 4),
+    _Int("int8", 3, 8), _Int("int4", 4, 4), _Int("int2", 5, 2),
 )}
 BY_CODE: dict[int, Codec] = {c.code: c for c in CODECS.values()}
 

@@ -11,8 +11,10 @@ import random
 
 import torch
 
+from splitcom.compress.adapter_delta import apply_delta, digest, same_layout
 from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
 from splitcom.data.tokenize import IGNORE, Batch, Sample, collate
+from splitcom.errors import ProtocolError
 from splitcom.models.adapters import AdapterBank, adapter_optimizer, rank_caps
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, Stream
@@ -31,7 +33,7 @@ class SplitClient:
                  grad_codec: str = "fp32", batch_size: int = 8, pad_id: int = 0, seed: int = 0,
                  device: torch.device | str = "cpu", temporal=None, tail_layers: int = 0,
                  cut_rank: int | None = None, adapter_codec: str = "fp32", prefix: bool = False,
-                 entropy: str = "none"):
+                 entropy: str = "none", adapter_delta: str | None = None):
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.device = torch.device(device)
@@ -47,8 +49,18 @@ class SplitClient:
         self.out, self.inc = stream_ends(temporal, codec, grad_codec, split.hidden_size, seed, sends, receives,
                                          prefix=prefix, entropy=entropy)
         self.prefix, self.entropy = prefix, entropy
+        # adapter deltas: the adapter state this client holds as the server knows it (compress/adapter_delta.py)
+        self.adapter_delta, self.held, self.held_digest = adapter_delta, None, 0
+        self.hold()
         self.labels_sent: set[int] = set()  # standard mode: the server caches labels, each goes up once
         self.tokens_forwarded = 0
+
+    def hold(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Remember the adapter state the server also has (the start, or what a pull delivered) as the
+        base of the next adapter delta."""
+        if self.adapter_delta is not None:
+            self.held = tensors if tensors is not None else self.bank.state(self.adapter, self.layers)
+            self.held_digest = digest(self.held)
 
     def set_cut(self, cut: int) -> None:
         """(Re)assign the blocks this client runs. At a round boundary every copy equals the global
@@ -133,14 +145,15 @@ class SplitClient:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(e.cache_bytes for e in [*self.out.values(), *self.inc.values()])
+        held = sum(t.numel() * t.element_size() for t in self.held.values()) if self.held else 0
+        return held + sum(e.cache_bytes for e in [*self.out.values(), *self.inc.values()])
 
     def state_dict(self) -> dict:
         """What a restarted client needs at a round boundary (its adapter is the global one there, but a
         shared bank or a cut rank makes its own copy the safe thing to keep)."""
         return {"cut": self.cut, "adapter": self.bank.state(self.adapter, self.layers, copy=False),
                 "optimizer": self.optimizer.state_dict(), "labels_sent": sorted(self.labels_sent),
-                "tokens_forwarded": self.tokens_forwarded, "ends": end_counts(self.out)}
+                "tokens_forwarded": self.tokens_forwarded, "ends": end_counts(self.out), "held": self.held}
 
     def load_state_dict(self, st: dict) -> None:
         self.set_cut(st["cut"])
@@ -149,16 +162,30 @@ class SplitClient:
         self.labels_sent = set(st["labels_sent"])
         self.tokens_forwarded = st["tokens_forwarded"]
         set_end_counts(self.out, st["ends"])
+        if st.get("held") is not None:
+            self.hold(st["held"])
 
     def push_adapters(self, round_: int) -> None:
-        self.channel.send(AdapterMsg(Stream.adapters_up, self.cid, round_, float(self.num_samples),
-                                     self.bank.state(self.adapter, self.layers), self.cut, self.adapter_codec,
-                                     self.entropy))
+        state, codec, base = self.bank.state(self.adapter, self.layers), self.adapter_codec, 0
+        if self.held is not None and same_layout(state, self.held):  # adapter deltas: the change since the pull
+            state = {n: t - self.held[n] for n, t in state.items()}
+            codec, base = self.adapter_delta, self.held_digest
+        self.channel.send(AdapterMsg(Stream.adapters_up, self.cid, round_, float(self.num_samples), state,
+                                     self.cut, codec, self.entropy, base))
 
     def pull_adapters(self, round_: int) -> None:
         """Load the global adapter for this client's blocks; when the server moved the cut (adaptive cuts),
-        take the new cut first: the reply covers the new blocks."""
-        reply = self.channel.request(ControlMsg(self.cid, round_, "pull_adapters"))
+        take the new cut first: the reply covers the new blocks. With adapter deltas the request names
+        the state this client holds and the reply may be the change from it."""
+        body = {"held": self.held_digest} if self.held is not None else {}
+        reply = self.channel.request(ControlMsg(self.cid, round_, "pull_adapters", body))
+        tensors = reply.tensors
+        if reply.base:
+            if self.held is None or reply.base != self.held_digest:
+                raise ProtocolError(f"client {self.cid}: an adapter delta to state {reply.base:#x}, which it does "
+                                    f"not hold", field="base")
+            tensors = apply_delta(tensors, self.held, f"client {self.cid}")
         if reply.cut != self.cut:
             self.set_cut(reply.cut)
-        self.bank.load(self.adapter, reply.tensors)
+        self.bank.load(self.adapter, tensors)
+        self.hold(tensors)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import replace
 
 import torch
 
+from splitcom.compress.adapter_delta import HeldBySender, apply_delta, encode_delta, same_layout
 from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
 from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
@@ -43,7 +45,8 @@ class SplitServer:
                  device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None,
                  codec: str = "fp32", tail_layers: int = 0, seed: int = 0,
                  weights: dict[int, float] | None = None, cut_rank: int | None = None,
-                 adapter_codec: str = "fp32", prefix: bool = False, entropy: str = "none"):
+                 adapter_codec: str = "fp32", prefix: bool = False, entropy: str = "none",
+                 adapter_delta: str | None = None):
         self.split, self.bank, self.cuts = split, bank, dict(cuts)
         self.prefix, self.entropy = prefix, entropy
         self.cut_rank = None if server_adapters == "shared" else cut_rank  # (prepare refuses shared + cut rank)
@@ -69,6 +72,11 @@ class SplitServer:
         self.uploads: dict[int, AdapterMsg] = {}
         self.global_state: dict[str, torch.Tensor] = bank.state(GLOBAL)
         self.round = 0
+        # adapter deltas: what each client holds (every client starts from the global adapter)
+        self.adapter_delta, self.held = adapter_delta, HeldBySender()
+        if adapter_delta is not None:
+            for cid in self.cuts:
+                self.held.put(cid, self.client_slice(cid))
         self.lr, self.weight_decay = lr, weight_decay
         # The model each client's server blocks run on: the one frozen base for everyone, or (the
         # per_client_copies baseline) a whole copy per client, really allocated so memory can be measured.
@@ -149,6 +157,12 @@ class SplitServer:
         if isinstance(msg, AdapterMsg):
             if msg.stream != Stream.adapters_up:
                 raise ProtocolError("server accepts adapters_up only", field="stream")
+            if msg.base:  # a delta: add it to the state this client holds (validated below like any upload)
+                held = self.held.get(msg.client_id, msg.base)
+                if held is None:
+                    raise ProtocolError(f"client {msg.client_id}: no adapter state {msg.base:#x} to add this "
+                                        f"delta to", field="base")
+                msg = replace(msg, tensors=apply_delta(msg.tensors, held, f"client {msg.client_id}"), base=0)
             self._check_upload(msg)
             self.uploads[msg.client_id] = msg
             return None
@@ -157,10 +171,29 @@ class SplitServer:
                 "cut_layer": self.cuts[msg.client_id], "tail_start": self.end if self.ushape else None,
                 "num_layers": self.num_layers, "hidden_size": self.split.hidden_size})
         if msg.kind == "pull_adapters":
-            return AdapterMsg(Stream.adapters_down, msg.client_id, self.round, 0.0, truncate_ranks(
-                split_by_layer(self.global_state, self.client_layers(msg.client_id)), self.rank_caps(msg.client_id)),
-                self.cuts[msg.client_id], self.adapter_codec, self.entropy)
+            return self.pull(msg)
         raise ProtocolError(f"unknown control kind {msg.kind!r}", field="kind")
+
+    def client_slice(self, cid: int) -> dict[str, torch.Tensor]:
+        """The global adapter of the blocks client ``cid`` runs, at its rank caps: what a pull delivers."""
+        return truncate_ranks(split_by_layer(self.global_state, self.client_layers(cid)), self.rank_caps(cid))
+
+    def pull(self, msg: ControlMsg) -> AdapterMsg:
+        cid, target = msg.client_id, self.client_slice(msg.client_id)
+        codec, base = self.adapter_codec, 0
+        if self.adapter_delta is not None:
+            claimed = msg.body.get("held", 0)
+            if not isinstance(claimed, int) or not 0 <= claimed < 2**64:
+                raise ProtocolError(f"held must be a 64-bit digest, got {claimed!r}", field="body.held")
+            held = self.held.get(cid, claimed) if claimed else None
+            if held is not None and same_layout(target, held):
+                target, mirror = encode_delta(target, held, self.adapter_delta)
+                codec, base = self.adapter_delta, claimed
+            else:  # the client holds nothing we know, or other blocks: the adapter itself
+                mirror = {n: serde.adapter_roundtrip(t, codec) for n, t in target.items()}
+            self.held.put(cid, mirror)
+        return AdapterMsg(Stream.adapters_down, cid, self.round, 0.0, target, self.cuts[cid], codec, self.entropy,
+                          base)
 
     def _check_upload(self, msg: AdapterMsg) -> None:
         owned = truncate_ranks(split_by_layer(self.global_state, self.client_layers(msg.client_id)),
@@ -281,7 +314,8 @@ class SplitServer:
 
     @property
     def cache_bytes(self) -> int:
-        return sum(e.cache_bytes for cid in self.cuts for e in [*self.out[cid].values(), *self.inc[cid].values()])
+        return self.held.nbytes + sum(e.cache_bytes for cid in self.cuts
+                                      for e in [*self.out[cid].values(), *self.inc[cid].values()])
 
     def state_bytes(self) -> dict[str, int]:
         """Measured server state: parameters and buffers of every model it holds (shared storage
@@ -319,7 +353,8 @@ class SplitServer:
             return {"cuts": dict(self.cuts), "global": self.global_state, "round": self.round,
                     "adapters": {n: b.state(n, copy=False) for n, b in banks.items()},
                     "optimizers": {n: self.optimizers[n].state_dict() for n in banks},
-                    "labels": self.labels, "ends": {cid: end_counts(self.out[cid]) for cid in self.cuts}}
+                    "labels": self.labels, "ends": {cid: end_counts(self.out[cid]) for cid in self.cuts},
+                    "held": self.held.state_dict()}
 
     def load_state_dict(self, st: dict) -> None:
         self.global_state = dict(st["global"])
@@ -334,6 +369,8 @@ class SplitServer:
         self.labels.update({int(k): dict(v) for k, v in st.get("labels", {}).items()})
         for cid, counts in st.get("ends", {}).items():
             set_end_counts(self.out[int(cid)], counts)
+        if self.adapter_delta is not None and "held" in st:
+            self.held.load_state_dict(st["held"])
 
     # ---- rounds -----------------------------------------------------------------------------
     def aggregate(self) -> dict[str, torch.Tensor]:

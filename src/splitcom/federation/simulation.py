@@ -45,7 +45,8 @@ def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
                        server_adapters=cfg.federation.server_adapters, grad_codec=c.grad_codec, device=s.device,
                        temporal=c.temporal, cache_dir=cache_dir, codec=c.codec, tail_layers=tail_layers(cfg),
                        seed=cfg.train.seed, weights=weights, cut_rank=cfg.model.lora.cut_rank,
-                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy)
+                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy,
+                       adapter_delta=c.adapter_delta_codec if c.adapter_refresh == "delta" else None)
 
 
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
@@ -55,7 +56,8 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
                        weight_decay=t.weight_decay, codec=c.codec, grad_codec=c.grad_codec,
                        tail_layers=tail_layers(cfg), batch_size=t.batch_size, pad_id=s.pad_id, seed=t.seed,
                        device=s.device, temporal=c.temporal, cut_rank=cfg.model.lora.cut_rank,
-                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy)
+                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy,
+                       adapter_delta=c.adapter_delta_codec if c.adapter_refresh == "delta" else None)
 
 
 def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,

@@ -93,6 +93,7 @@ class AdapterMsg:
     cut: int = 0  # the client's cut: up, the one it trained with; down, the one for the next round
     codec: str = "fp32"  # how the matrices travel (compression.adapter_codec); decoded tensors are fp32
     entropy: str = "none"
+    base: int = 0  # 0: the tensors are the adapter; else a delta to the adapter state with this digest
 
 
 @dataclass

@@ -15,12 +15,13 @@ never compressed, so a transport can peek at the stream, the weight or the loss 
   own_key u64 | own_len u32, then codec bytes of rows [ref_len, length)).
   So an uncompressed TENSOR message is 32 + sum_i(17 + payload_i) bytes; fp32 payload_i = T_i * H * 4.
 - LABELS (type 2): entropy u8; per sample: sample_id u64 | length u32, then ``length`` int32 labels.
-- ADAPTER (type 3): stream u8 | weight f64 | cut u16 | codec u8 | entropy u8, then per tensor:
+- ADAPTER (type 3): stream u8 | weight f64 | cut u16 | codec u8 | entropy u8 | base u64, then per tensor:
   name_len u16 | name utf-8 | ndim u8 | dims u32 x ndim | codec bytes. ``cut``: the client's cut layer
   these blocks belong to (up: the cut it trained with; down: its cut for the next round, which
   adaptive cuts may have moved). A tensor is coded as a matrix: [d0, d1*d2*...], transposed when it
   has more rows than columns (LoRA B is [out, r]), so the integer codecs' per-row scales run along the
-  long side.
+  long side. ``base``: 0 when the tensors are the adapter itself; else they are a difference to add
+  to the adapter state with that digest (compress/adapter_delta.py, ``compression.adapter_refresh``).
 - CONTROL (type 4): kind_len u16 | kind utf-8 | body_len u32 | body JSON utf-8.
 
 Decoding validates every field and raises ProtocolError naming it; it never trusts a length.
@@ -51,10 +52,11 @@ from splitcom.protocol.messages import (
 )
 
 MAGIC = b"SC"
-VERSION = 3  # 2: ADAPTER carries the client's cut and a codec; 3: DELTA/PREFIX samples, entropy byte
+VERSION = 4  # 2: ADAPTER carries the client's cut and a codec; 3: DELTA/PREFIX samples, entropy byte;
+#              4: ADAPTER base digest (adapter deltas)
 HEADER = struct.Struct("<2sBBIII")  # 16 bytes
 TENSOR_EXT = struct.Struct("<BBBBId")  # 16 bytes
-ADAPTER_EXT = struct.Struct("<BdHBB")  # 13 bytes
+ADAPTER_EXT = struct.Struct("<BdHBBQ")  # 21 bytes
 LABELS_EXT = struct.Struct("<B")  # 1 byte
 SAMPLE = struct.Struct("<QIBI")  # 17 bytes
 PREFIX = struct.Struct("<QIQI")  # 24 bytes, at the start of a PREFIX payload
@@ -113,14 +115,12 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, AdapterMsg):
         count = len(msg.tensors)
         codec = CODECS[msg.codec]
-        ext = ADAPTER_EXT.pack(int(msg.stream), msg.weight, msg.cut, codec.code, _entropy_code(entropy))
+        ext = ADAPTER_EXT.pack(int(msg.stream), msg.weight, msg.cut, codec.code, _entropy_code(entropy), msg.base)
         for name, t in msg.tensors.items():
             raw = name.encode()
             parts.append(struct.pack("<H", len(raw)) + raw + struct.pack("<B", t.dim()))
             parts.append(struct.pack(f"<{t.dim()}I", *t.shape))
-            rows, cols, transposed = _matrix(tuple(t.shape))
-            m = t.detach().to("cpu", torch.float32).reshape((cols, rows) if transposed else (rows, cols))
-            parts.append(codec.encode((m.T if transposed else m).contiguous()))
+            parts.append(_code_adapter_tensor(t, codec))
     else:
         raw_kind, body = msg.kind.encode(), json.dumps(msg.body, separators=(",", ":")).encode()
         count, ext, entropy = 0, b"", "none"
@@ -130,6 +130,29 @@ def encode(msg: Message) -> bytes:
         body = _zstd_c().compress(body)
     step = msg.round if isinstance(msg, AdapterMsg) else msg.step
     return HEADER.pack(MAGIC, VERSION, kind, msg.client_id, step, count) + ext + body
+
+
+def _code_adapter_tensor(t: torch.Tensor, codec) -> bytes:
+    rows, cols, transposed = _matrix(tuple(t.shape))
+    m = t.detach().to("cpu", torch.float32).reshape((cols, rows) if transposed else (rows, cols))
+    return codec.encode((m.T if transposed else m).contiguous())
+
+
+def _decode_adapter_tensor(data: bytes, dims: tuple[int, ...], codec) -> torch.Tensor:
+    rows, cols, transposed = _matrix(dims)
+    m = codec.decode(data, rows, cols)
+    return (m.T if transposed else m).reshape(dims).contiguous()
+
+
+def adapter_nbytes(dims: tuple[int, ...], codec) -> int:
+    rows, cols, _ = _matrix(dims)
+    return codec.nbytes(rows, cols)
+
+
+def adapter_roundtrip(t: torch.Tensor, codec: str) -> torch.Tensor:
+    """The fp32 tensor a receiver decodes from an ADAPTER message carrying ``t`` with ``codec``."""
+    c = CODECS[codec]
+    return _decode_adapter_tensor(_code_adapter_tensor(t, c), tuple(t.shape), c)
 
 
 def _matrix(dims: tuple[int, ...]) -> tuple[int, int, bool]:
@@ -256,7 +279,7 @@ def _decode_labels(r: _Reader, client_id: int, step: int, count: int) -> tuple[L
 
 
 def _decode_adapter(r: _Reader, client_id: int, step: int, count: int) -> tuple[AdapterMsg, _Reader]:
-    stream, weight, cut, code, entropy = r.unpack(ADAPTER_EXT, "adapter_header")
+    stream, weight, cut, code, entropy, base = r.unpack(ADAPTER_EXT, "adapter_header")
     codec = codec_by_code(code)
     stream = _stream(stream, {Stream.adapters_up, Stream.adapters_down}, "stream")
     if not math.isfinite(weight) or weight < 0:
@@ -271,10 +294,9 @@ def _decode_adapter(r: _Reader, client_id: int, step: int, count: int) -> tuple[
             raise ProtocolError("name is not UTF-8", field=f"tensors[{i}].name") from None
         (ndim,) = r.unpack("<B", f"tensors[{name}].ndim")
         dims = r.unpack(f"<{ndim}I", f"tensors[{name}].dims")
-        rows, cols, transposed = _matrix(dims)
-        m = codec.decode(r.take(codec.nbytes(rows, cols), f"tensors[{name}].data"), rows, cols)
-        tensors[name] = (m.T if transposed else m).reshape(dims).contiguous()
-    return AdapterMsg(stream, client_id, step, weight, tensors, cut, codec.name, entropy), r
+        data = r.take(adapter_nbytes(dims, codec), f"tensors[{name}].data")
+        tensors[name] = _decode_adapter_tensor(data, dims, codec)
+    return AdapterMsg(stream, client_id, step, weight, tensors, cut, codec.name, entropy, base), r
 
 
 def _decode_control(r: _Reader, client_id: int, step: int, count: int) -> tuple[ControlMsg, _Reader]:

@@ -165,6 +165,7 @@ class ClientDriver:
                             "replay of an uninterrupted run)", self.cid, start)
             if start == 0:
                 sc.bank.load(sc.adapter, sc.bank.state(GLOBAL, range(sc.cut)))
+                sc.hold()  # the server's mirror of a client starts from the global adapter too
             else:
                 sc.pull_adapters(start - 1)
                 threshold = thresholds_of(self.channel.last_pull)
