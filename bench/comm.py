@@ -85,6 +85,13 @@ ROWS: dict[str, list[str]] = {
     "ddpg+all": [*ALL, f"{T}.controller=ddpg", f"{T}.ddpg.low=0.99", f"{T}.ddpg.high=0.9999"],
     "ushape+all": USHAPE_ALL,
     "ushape+all+int2": [*USHAPE_ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2"],
+    "ushape+all+adapter-int2": [*USHAPE_ALL, "compression.adapter_delta_codec=int2",
+                                f"{T}.threshold={{act_up: 0.995, act_down: 0.99999, grad_up: 0.99999, "
+                                "grad_down: 0.99999}"],
+    "ushape+all+int2+grad_up-int4": [*USHAPE_ALL, "compression.adapter_delta_codec=int2",
+                                     f"{T}.delta_codec={{act_up: int2, act_down: int2, grad_down: int2, grad_up: int4}}",
+                                     f"{T}.threshold={{act_up: 0.995, act_down: 0.99999, grad_up: 0.99999, "
+                                     "grad_down: 0.99999}"],
     "ushape+all+int2@0.9999": [*USHAPE_ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2",
                                f"{T}.threshold={{act_up: 0.999, act_down: 0.9999, grad_up: 0.9999, "
                                "grad_down: 0.9999}"],
@@ -130,6 +137,24 @@ def score_row(args, out: Path) -> dict:
     return {new: sc[key] for key, new in GEN_KEYS.items()}
 
 
+SETTINGS = ("model", "samples", "eval_samples", "epochs", "clients", "batch_size", "max_length", "lr", "alpha", "cut")
+
+
+def reference_rows(args) -> dict:
+    """Rows of earlier comm.json files whose settings match these (else exit naming the setting); rows
+    run now replace them."""
+    rows = {}
+    for path in args.reference:
+        ref = json.loads(path.read_text())
+        for key in SETTINGS:
+            if str(ref["args"].get(key)) != str(getattr(args, key)):
+                sys.exit(f"{path}: {key} is {ref['args'].get(key)}, this run's is {getattr(args, key)} (--reference)")
+        if ref["args"].get("dataset", "e2e") != args.dataset:
+            sys.exit(f"{path}: dataset {ref['args'].get('dataset', 'e2e')} != {args.dataset} (--reference)")
+        rows.update({name: s for name, s in ref["results"].items() if name not in args.rows})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -151,13 +176,16 @@ def main() -> int:
                     help="after each row, beam-search the first N distinct E2E dev inputs and add BLEU, NIST, "
                          "METEOR, ROUGE_L, CIDEr (0: off)")
     ap.add_argument("--beams", type=int, default=4, help="beam width of --score")
+    ap.add_argument("--reference", type=Path, action="append", default=[], metavar="COMM_JSON",
+                    help="rows of an earlier run of this script with the same settings (its comm.json) to report "
+                         "beside these, e.g. the fp32 baselines of a long run (repeatable)")
     args = ap.parse_args()
     root, probe = DATASETS[args.dataset]
     if not (root / probe).exists():
         print(f"skipped: {args.dataset} data not found at {root}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results = reference_rows(args)
     for name in args.rows:
         t0 = time.perf_counter()
         cfg = build_config({}, common(args) + ROWS[name])

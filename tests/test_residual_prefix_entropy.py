@@ -204,7 +204,8 @@ def test_corrupt_zstd_frame_is_refused_and_the_server_goes_on():
 def test_per_stream_thresholds_parse_and_apply():
     t = "compression.temporal"
     cfg = tiny_cfg(**{"split.mode": "ushape", f"{t}.enabled": True, f"{t}.threshold": "{act_up: 0.9, grad_up: 0.5}",
-                      f"{t}.streams": "[act_up,act_down,grad_up,grad_down]"})
+                      f"{t}.streams": "[act_up,act_down,grad_up,grad_down]", f"{t}.refresh": "delta",
+                      f"{t}.delta_codec": "{act_down: int2, grad_up: fp32}"})
     assert cfg.compression.temporal.threshold_of("act_up") == 0.9 and cfg.compression.temporal.threshold_of(
         "act_down") == 0.999
     s = prepare(cfg)
@@ -213,6 +214,9 @@ def test_per_stream_thresholds_parse_and_apply():
     reuse.begin_epoch({})
     assert {st.name: e.threshold for st, e in clients[0].out.items()} == {"act_up": 0.9, "grad_up": 0.5}
     assert {st.name: e.threshold for st, e in server.out[0].items()} == {"grad_down": 0.999, "act_down": 0.999}
+    # DELTA codecs by stream too (unnamed streams: int4); the receiver reads each message's own codec
+    assert {st.name: e.delta_codec.name for st, e in clients[0].out.items()} == {"act_up": "int4", "grad_up": "fp32"}
+    assert {st.name: e.delta_codec.name for st, e in server.out[0].items()} == {"grad_down": "int4", "act_down": "int2"}
     bb = build_config({}, [f"{t}.enabled=true", f"{t}.controller=bangbang", f"{t}.streams=[act_up,grad_down]",
                            f"{t}.bangbang.aggressive={{act_up: 0.9}}"]).compression.temporal
     r = ReuseControl(bb, clients, s.split.hidden_size, 2, 0, server)
@@ -223,6 +227,8 @@ def test_per_stream_thresholds_parse_and_apply():
     ("compression.temporal.threshold={act_up: 0.9, foo: 0.5}", "compression.temporal.threshold"),
     ("compression.entropy=lz4", "compression.entropy"),
     ("compression.temporal.delta_codec=int3", "compression.temporal.delta_codec"),
+    ("compression.temporal.delta_codec={act_dwn: int2}", "compression.temporal.delta_codec"),
+    ("compression.temporal.delta_codec={act_up: int3}", "compression.temporal.delta_codec"),
     ("compression.temporal.threshold={act_up: 1.5}", "compression.temporal.threshold"),
 ])
 def test_bad_compression_keys_name_the_key(override, key):

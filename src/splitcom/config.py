@@ -220,7 +220,9 @@ class TemporalCfg(_Strict):
         "full", description="What a sample below the threshold sends: `full` (its tensor again) or `delta` "
         "(delta_codec of X minus the tensor the receiver holds, which the receiver adds; the sender keeps an "
         "exact copy of what the receiver holds: T_i x H floats per sample, in `store`).")
-    delta_codec: Codec = Field("int4", description="Codec of DELTA payloads (refresh=delta).")
+    delta_codec: Codec | dict[str, Codec] = Field(
+        "int4", description="Codec of DELTA payloads (refresh=delta): one for every stream, or a map by stream "
+        "(e.g. {act_down: int2, grad_up: int4}); streams the map does not name use int4.")
     projection_dim: int = Field(16, ge=1, description="r: columns of the random projection (<= hidden size).")
     max_reuse_streak: int | None = Field(None, ge=1, description="Force a FULL after this many REUSEs in a row.")
     reused_grad: Literal["apply", "skip"] = Field(
@@ -243,6 +245,18 @@ class TemporalCfg(_Strict):
 
     def threshold_of(self, stream: str) -> float:
         return stream_value(self.threshold, stream, 0.999)
+
+    @field_validator("delta_codec", mode="before")
+    @classmethod
+    def _delta_codec_map(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            unknown = sorted(set(v) - set(STREAMS))
+            if unknown:
+                raise ValueError(f"unknown stream {unknown[0]!r} (streams: {', '.join(STREAMS)})")
+        return v
+
+    def delta_codec_of(self, stream: str) -> str:
+        return stream_value(self.delta_codec, stream, "int4")
 
 
 class CompressionCfg(_Strict):

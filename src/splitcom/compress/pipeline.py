@@ -219,7 +219,7 @@ def stream_ends(temporal, codec: str, grad_codec: str, hidden: int, seed: int, s
                        threshold=temporal.threshold_of(s.name) if temporal else 1.0,
                        summary_of=temporal.summary_of if temporal else "source",
                        refresh=temporal.refresh if temporal else "full",
-                       delta_codec=temporal.delta_codec if temporal else "int4",
+                       delta_codec=temporal.delta_codec_of(s.name) if temporal else "int4",
                        prefix=prefix and s == Stream.act_up, entropy=entropy,
                        store=temporal.store if temporal else "memory", directory=where(s, "-mirror"))
            for s in sends}
