@@ -250,7 +250,10 @@ def write_report(results: dict, args) -> None:
                      "ROUGE_L in [0, 1]); *gen s* and *tok/s* are that decode's time and output tokens per second.")
         lines[4] = lines[4][:-1] + "| BLEU | NIST | METEOR | ROUGE_L | CIDEr | gen s | tok/s |"
         lines[5] += " ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    for name, s in results.items():
+    # reference: the fp32 row of each mode first, then standard rows, then U-shape rows (otherwise as run)
+    order = sorted(results, key=lambda n: (n.startswith("ushape"), n not in ("baseline", "ushape")))
+    for name in order:
+        s = results[name]
         base = results.get("ushape" if name.startswith("ushape") else "baseline")
         act, total = s["bytes_by_stream"].get("act_up", 0), s["bytes_up"] + s["bytes_down"]
         split = base is not None and s.get("mode") != "centralized"
