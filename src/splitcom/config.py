@@ -197,12 +197,17 @@ def _unit_interval(v: float, key: str = "") -> float:
     return v
 
 
+def _stream_names(v: Any) -> Any:
+    """A map by stream must name known streams only (other values pass through)."""
+    unknown = sorted(set(v) - set(STREAMS)) if isinstance(v, dict) else []
+    if unknown:
+        raise ValueError(f"unknown stream {unknown[0]!r} (streams: {', '.join(STREAMS)})")
+    return v
+
+
 def _per_stream(v: Any, default: float) -> Any:
     """A number, or a map stream -> number whose unnamed streams take ``default``; names are checked."""
-    if isinstance(v, dict):
-        unknown = sorted(set(v) - set(STREAMS))
-        if unknown:
-            raise ValueError(f"unknown stream {unknown[0]!r} (streams: {', '.join(STREAMS)})")
+    if isinstance(_stream_names(v), dict):
         return {k: _unit_interval(float(x), k) for k, x in v.items()}
     return _unit_interval(float(v))
 
@@ -249,11 +254,7 @@ class TemporalCfg(_Strict):
     @field_validator("delta_codec", mode="before")
     @classmethod
     def _delta_codec_map(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            unknown = sorted(set(v) - set(STREAMS))
-            if unknown:
-                raise ValueError(f"unknown stream {unknown[0]!r} (streams: {', '.join(STREAMS)})")
-        return v
+        return _stream_names(v)
 
     def delta_codec_of(self, stream: str) -> str:
         return stream_value(self.delta_codec, stream, "int4")

@@ -196,8 +196,7 @@ class SplitServer:
                           base)
 
     def _check_upload(self, msg: AdapterMsg) -> None:
-        owned = truncate_ranks(split_by_layer(self.global_state, self.client_layers(msg.client_id)),
-                               self.rank_caps(msg.client_id))
+        owned = self.client_slice(msg.client_id)
         if self.weights is not None and msg.weight != self.weights[msg.client_id]:
             raise ProtocolError(f"weight {msg.weight} is not client {msg.client_id}'s "
                                 f"{self.weights[msg.client_id]} samples", field="weight")
