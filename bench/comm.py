@@ -95,6 +95,26 @@ ROWS: dict[str, list[str]] = {
     "ushape+all+int2@0.9999": [*USHAPE_ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2",
                                f"{T}.threshold={{act_up: 0.999, act_down: 0.9999, grad_up: 0.9999, "
                                "grad_down: 0.9999}"],
+    # error-feedback sign residuals (sign1) for grad_down, the stream that changes most between epochs;
+    # act_down barely moves (reused at 0.9999); the cheap streams keep int2 DELTAs
+    "ushape+all+ef-sign": [*USHAPE_ALL, "compression.adapter_delta_codec=int2",
+                           f"{T}.delta_codec={{act_up: int2, act_down: int2, grad_up: int2, grad_down: sign1}}",
+                           f"{T}.threshold={{act_up: 0.999, act_down: 0.9999, grad_up: 0.99999, "
+                           "grad_down: 0.99999}"],
+    "ushape+all+ef-sign+grad_down-int4": [
+        *USHAPE_ALL, "compression.adapter_delta_codec=int2",
+        f"{T}.delta_codec={{act_up: int2, act_down: int2, grad_up: int2, grad_down: int4}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.9999, grad_up: 0.99999, grad_down: 0.99999}}"],
+    # act_down (the server's layer-28 output) carries massive-activation channels: int8o keeps each token's
+    # 4 largest values exactly, so the FULL does not round the other channels away; act_down refreshes in
+    # int4, grad_up / grad_down / act_up in int2, gradients' first sights in int4
+    "ushape+all+outliers": [*USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4",
+                            "compression.adapter_delta_codec=int2",
+                            f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: int2, grad_down: int2}}"],
+    "ushape+all+outliers+adapter-sign1": [*USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4",
+                                          "compression.adapter_delta_codec=sign1",
+                                          f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: int2, "
+                                          "grad_down: int2}"],
     "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
                              f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                              "compression.codec=int4", "compression.grad_codec=int4"],

@@ -75,3 +75,65 @@ def test_int2_packs_four_values_a_byte_lowest_bits_first():
     data = get_codec("int2").encode(x)
     assert data[4:] == bytes([1 | 3 << 2 | 0 << 4 | 1 << 6, 3])
     assert torch.equal(get_codec("int2").decode(data, 1, 5), x)
+
+
+def test_sign1_packs_eight_signs_a_byte_with_the_mean_absolute_scale():
+    x = torch.tensor([[1.0, -2.0, 0.5, 3.0, -0.5, -1.0, 2.0, 0.0, -4.0], [0.0] * 9])
+    c = get_codec("sign1")
+    data = c.encode(x)
+    assert c.nbytes(2, 9) == 8 + 3 == len(data)  # two fp32 scales, 18 bits in three bytes
+    # row 0: signs + - + + - - + + (0 counts as +) | -, lowest bit first; row 1 all zero: every bit set
+    assert data[8:] == bytes([0b11001101, 0b11111110, 0b00000011])
+    y = c.decode(data, 2, 9)
+    s = x[0].abs().mean()
+    assert torch.allclose(y[0], torch.where(x[0] >= 0, s, -s))
+    assert torch.equal(y[1], torch.zeros(9))  # a zero row's scale is 0
+
+
+def test_sign1_scale_minimises_the_squared_error():
+    torch.manual_seed(1)
+    x = torch.randn(4, 200) * torch.tensor([[0.1], [1.0], [10.0], [3.0]])
+    y = get_codec("sign1").decode(get_codec("sign1").encode(x), 4, 200)
+    err = (y - x).pow(2).sum(dim=1)
+    for f in (0.9, 1.1):  # any other scale of the same signs is worse
+        assert torch.all((f * y - x).pow(2).sum(dim=1) > err)
+
+
+@pytest.mark.parametrize("name,bits", [("int8o", 8), ("int4o", 4), ("int2o", 2)])
+def test_outlier_codecs_keep_the_largest_values_exactly(name, bits):
+    """A massive-activation channel sets no step: the other values keep the precision of their own absmax."""
+    from splitcom.compress.codecs import OUTLIERS
+
+    torch.manual_seed(2)
+    x = torch.randn(6, 40)
+    x[:, 7] = 3000.0  # one massive channel
+    x[:, 31] = -torch.linspace(200, 500, 6)  # another, different per token
+    c = get_codec(name)
+    data = c.encode(x)
+    assert len(data) == c.nbytes(6, 40) == get_codec(name[:-1]).nbytes(6, 40) + 6 * OUTLIERS * 6
+    y = c.decode(data, 6, 40)
+    top = x.abs().topk(OUTLIERS, dim=1).indices
+    assert torch.equal(y.gather(1, top), x.gather(1, top))  # outliers travel exactly
+    rest = x.scatter(1, top, 0.0)
+    step = rest.abs().amax(dim=1) / (2 ** (bits - 1) - 1)
+    assert torch.all((y - x).abs().amax(dim=1) <= step / 2 * 1.0001)
+    plain = get_codec(name[:-1]).decode(get_codec(name[:-1]).encode(x), 6, 40)
+    others = torch.ones(40, dtype=torch.bool)
+    others[[7, 31]] = False
+    # the plain codec rounds every other value to 0 here (relative error 1); int2 keeps only {-1, 0, 1} steps
+    assert (y - x)[:, others].norm() < {8: 0.02, 4: 0.2, 2: 0.7}[bits] * (plain - x)[:, others].norm()
+
+
+def test_sign1o_and_short_rows():
+    x = torch.tensor([[5.0, -1.0, 2.0]])  # fewer values than OUTLIERS: every value kept exactly
+    c = get_codec("sign1o")
+    assert torch.equal(c.decode(c.encode(x), 1, 3), x)
+
+
+def test_outlier_column_out_of_range_is_protocol_error():
+    c = get_codec("int4o")
+    data = bytearray(c.encode(torch.randn(2, 8)))
+    n = get_codec("int4").nbytes(2, 8)
+    data[n:n + 2] = (9).to_bytes(2, "little")  # column 9 of a row of 8
+    with pytest.raises(ProtocolError, match="outlier column 9"):
+        c.decode(bytes(data), 2, 8)

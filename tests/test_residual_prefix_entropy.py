@@ -36,7 +36,7 @@ def _pair(refresh="delta", delta_codec="int4", prefix=False, threshold=0.9):
     return out, inc
 
 
-@pytest.mark.parametrize("delta_codec", ["int2", "int4", "int8", "fp32"])
+@pytest.mark.parametrize("delta_codec", ["sign1", "int2o", "int2", "int4", "int8", "fp32"])
 @pytest.mark.parametrize("prefix", [False, True])
 def test_mirror_equals_receiver_bit_for_bit(delta_codec, prefix):
     """Random sequences of drift: every sample goes FULL, REUSE or DELTA (and PREFIX with prefix
@@ -65,6 +65,22 @@ def test_mirror_equals_receiver_bit_for_bit(delta_codec, prefix):
     if prefix:
         for key, entry in out.prefix.entries.items():
             assert torch.equal(entry.held, inc.prefixes.rows[key])
+
+
+def test_sign1_deltas_feed_their_error_back():
+    """sign1 DELTAs against the exact mirror are error feedback: each refresh codes what the receiver still
+    lacks, so the receiver's error of a tensor that stays put shrinks at every DELTA."""
+    g = torch.Generator().manual_seed(2)
+    out, inc = _pair(delta_codec="sign1", threshold=2.0)  # above any cosine: never REUSE
+    x = torch.randn(8, H, generator=g)
+    inc.decode(out.message(0, 0, [1], [torch.zeros(8, H)]))  # the receiver holds zeros
+    errors = []
+    for step in range(1, 9):
+        msg = out.message(0, step, [1], [x])
+        assert msg.samples[0].delta and len(msg.samples[0].payload) == 8 * 4 + 8 * H // 8
+        errors.append(float((inc.decode(msg)[0] - x).norm()))
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < 0.35 * errors[0], errors
 
 
 def test_delta_is_closer_than_its_codec_alone():

@@ -188,7 +188,7 @@ class DDPGCfg(_Strict):
 
 
 STREAMS = ("act_up", "grad_down", "act_down", "grad_up")
-Codec = Literal["fp32", "fp16", "bf16", "int8", "int4", "int2"]
+Codec = Literal["fp32", "fp16", "bf16", "int8", "int4", "int2", "sign1", "int8o", "int4o", "int2o", "sign1o"]
 
 
 def _unit_interval(v: float, key: str = "") -> float:
@@ -227,7 +227,8 @@ class TemporalCfg(_Strict):
         "exact copy of what the receiver holds: T_i x H floats per sample, in `store`).")
     delta_codec: Codec | dict[str, Codec] = Field(
         "int4", description="Codec of DELTA payloads (refresh=delta): one for every stream, or a map by stream "
-        "(e.g. {act_down: int2, grad_up: int4}); streams the map does not name use int4.")
+        "(e.g. {act_down: int2, grad_down: sign1}); streams the map does not name use int4. sign1 (one bit a value) "
+        "suits residuals: each DELTA codes what the receiver still lacks, so its error is fed back.")
     projection_dim: int = Field(16, ge=1, description="r: columns of the random projection (<= hidden size).")
     max_reuse_streak: int | None = Field(None, ge=1, description="Force a FULL after this many REUSEs in a row.")
     reused_grad: Literal["apply", "skip"] = Field(
