@@ -115,6 +115,16 @@ ROWS: dict[str, list[str]] = {
                                           "compression.adapter_delta_codec=sign1",
                                           f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: int2, "
                                           "grad_down: int2}"],
+    # grad_down trains only the client's first blocks: reused while within 0.95 of what was last sent;
+    # the bytes go to the gradient that trains the server's blocks (grad_up) or to act_down
+    "ushape+outliers+grad_up-sign1o": [
+        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
+        f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: sign1o, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    "ushape+outliers+grad_up-int4": [
+        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
+        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
     "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
                              f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                              "compression.codec=int4", "compression.grad_codec=int4"],
