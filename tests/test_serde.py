@@ -16,7 +16,7 @@ def _tensor_msg(lengths=(3, 5), hidden=4, codec="fp32", reuse=()):
     return TensorMsg(Stream.act_up, 7, 42, codec, hidden, samples, scalar=1.25)
 
 
-@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "bf16", "int8", "int4", "int2", "sign1", "int8o", "sign1o"])
 def test_tensor_round_trip(codec):
     msg = _tensor_msg(codec=codec, reuse=(1,))
     assert serde.decode(serde.encode(msg)) == msg
@@ -58,6 +58,17 @@ def test_adapter_codecs_size_and_error(codec, bound):
         assert ((back.tensors[name] - t).abs() <= bound * rowmax + 1e-7).all(), name
     if codec == "int8":  # B is [32, 8]: sent as [8, 32], 8 scales instead of 32
         assert c.nbytes(8, 32) < c.nbytes(32, 8)
+
+
+@pytest.mark.parametrize("codec", ["sign1", "int4o", "sign1o"])
+def test_adapter_round_trip_with_sign_and_outlier_codecs(codec):
+    """An adapter message decodes to exactly what the codec round trip gives (what both mirrors add)."""
+    msg = AdapterMsg(Stream.adapters_up, 1, 2, 3.0, {"A": torch.randn(8, 64), "B": torch.randn(32, 8),
+                                                       "Z": torch.zeros(8, 5)}, cut=2, codec=codec, base=7)
+    back = serde.decode(serde.encode(msg))
+    for name, t in msg.tensors.items():
+        assert torch.equal(back.tensors[name], serde.adapter_roundtrip(t, codec)), name
+    assert torch.equal(back.tensors["Z"], torch.zeros(8, 5))
 
 
 def test_errors_name_the_field():
