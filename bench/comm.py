@@ -125,6 +125,32 @@ ROWS: dict[str, list[str]] = {
         *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
         f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
         f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    "ushape+outliers+grad_up-int4+grad-int4o": [
+        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4o", "compression.adapter_delta_codec=sign1",
+        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    # which stream's precision the last percent of ppl depends on: grad_down DELTAs every epoch (not reused),
+    # or act_down refreshed in int4 instead of int2o
+    "ushape+outliers+grad_up-int4+grad_down-delta": [
+        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
+        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.99999}}"],
+    "ushape+outliers+grad_up-int4+act_down-int4": [
+        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
+        f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: int4, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    # codecs by stream: int8o only where the massive channels are (act_down), int8 first sights of grad_up
+    # (the gradient that trains the server's blocks), int2 ones of grad_down (nothing downstream needs more)
+    "ushape+codec-map": [
+        *USHAPE_ALL, "compression.codec={act_up: int8, act_down: int8o}",
+        "compression.grad_codec={grad_up: int8, grad_down: int2}", "compression.adapter_delta_codec=sign1",
+        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    "ushape+codec-map+adapter-int2": [
+        *USHAPE_ALL, "compression.codec={act_up: int8, act_down: int8o}",
+        "compression.grad_codec={grad_up: int8, grad_down: int2}", "compression.adapter_delta_codec=int2",
+        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
     "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
                              f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                              "compression.codec=int4", "compression.grad_codec=int4"],

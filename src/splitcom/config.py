@@ -261,9 +261,22 @@ class TemporalCfg(_Strict):
         return stream_value(self.delta_codec, stream, "int4")
 
 
+def _kind_map(v: Any, kind: str, other_key: str) -> Any:
+    """A codec map by stream may name only streams of its kind (act_* for `codec`, grad_* for `grad_codec`)."""
+    if isinstance(_stream_names(v), dict):
+        wrong = sorted(k for k in v if not k.startswith(kind))
+        if wrong:
+            raise ValueError(f"{wrong[0]} is not an {kind}* stream (set it in compression.{other_key})")
+    return v
+
+
 class CompressionCfg(_Strict):
-    codec: Codec = Field("fp32", description="Codec of activations on the wire.")
-    grad_codec: Codec = Field("fp32", description="Codec of gradients on the wire.")
+    codec: Codec | dict[str, Codec] = Field(
+        "fp32", description="Codec of activations on the wire: one for act_up and act_down, or a map "
+        "(e.g. {act_up: int8, act_down: int8o}); a stream the map does not name uses fp32.")
+    grad_codec: Codec | dict[str, Codec] = Field(
+        "fp32", description="Codec of gradients on the wire: one for grad_down and grad_up, or a map "
+        "(e.g. {grad_up: int8, grad_down: int4}); a stream the map does not name uses fp32.")
     entropy: Literal["none", "zstd"] = Field(
         "none", description="Lossless stage after the codec on every stream, adapters included: `zstd` "
         "compresses each message body (the byte counters count the compressed bytes).")
@@ -280,6 +293,16 @@ class CompressionCfg(_Strict):
         "`adapter_delta_codec`; `full`: the adapter itself with `adapter_codec`.")
     adapter_delta_codec: Codec = Field("int4", description="Codec of adapter deltas (adapter_refresh=delta).")
     temporal: TemporalCfg = Field(default_factory=TemporalCfg)
+
+    @field_validator("codec", mode="before")
+    @classmethod
+    def _act_codecs(cls, v: Any) -> Any:
+        return _kind_map(v, "act", "grad_codec")
+
+    @field_validator("grad_codec", mode="before")
+    @classmethod
+    def _grad_codecs(cls, v: Any) -> Any:
+        return _kind_map(v, "grad", "codec")
 
 
 class LoggingCfg(_Strict):

@@ -13,6 +13,7 @@ import torch
 from splitcom.compress.codecs import get_codec
 from splitcom.compress.prefix import PrefixSender, PrefixStore
 from splitcom.compress.temporal import TemporalReceiver, TemporalSender, projection
+from splitcom.config import stream_value
 from splitcom.errors import ProtocolError
 from splitcom.protocol import serde
 from splitcom.protocol.messages import PrefixRef, SampleTensor, Stream, TensorMsg
@@ -206,14 +207,17 @@ class Incoming:
         return sum(0 if x is None else x.memory_bytes for x in (self.receiver, self.prefixes))
 
 
-def stream_ends(temporal, codec: str, grad_codec: str, hidden: int, seed: int, sends: list[Stream],
+def stream_ends(temporal, codec: str | dict, grad_codec: str | dict, hidden: int, seed: int, sends: list[Stream],
                 receives: list[Stream], cache_dir: str | None = None, *, prefix: bool = False,
                 entropy: str = "none") -> tuple[dict, dict]:
     """The Outgoing/Incoming ends one side owns, with temporal reuse where the config asks for it and
     prompt-prefix sharing on act_up (the only stream whose sender knows the tokens)."""
     on = set(temporal.streams) if temporal is not None and temporal.enabled else set()
     where = lambda s, suffix="": None if cache_dir is None else f"{cache_dir}/{s.name}{suffix}"  # noqa: E731
-    out = {s: Outgoing(s, codec if s.name.startswith("act") else grad_codec, hidden, reuse=s.name in on,
+    def codec_of(s: Stream) -> str:  # a codec, or (config maps) stream -> codec with fp32 for the others
+        return stream_value(codec if s.name.startswith("act") else grad_codec, s.name, "fp32")
+
+    out = {s: Outgoing(s, codec_of(s), hidden, reuse=s.name in on,
                        projection_dim=temporal.projection_dim if temporal else 16, seed=seed,
                        max_reuse_streak=temporal.max_reuse_streak if temporal else None,
                        threshold=temporal.threshold_of(s.name) if temporal else 1.0,

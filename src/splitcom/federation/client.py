@@ -29,8 +29,8 @@ def prompt_length(labels: torch.Tensor) -> int:
 
 class SplitClient:
     def __init__(self, cid: int, split: SplitModel, bank: AdapterBank, cut: int, channel: Channel,
-                 samples: list[Sample], *, lr: float, weight_decay: float = 0.0, codec: str = "fp32",
-                 grad_codec: str = "fp32", batch_size: int = 8, pad_id: int = 0, seed: int = 0,
+                 samples: list[Sample], *, lr: float, weight_decay: float = 0.0, codec: str | dict = "fp32",
+                 grad_codec: str | dict = "fp32", batch_size: int = 8, pad_id: int = 0, seed: int = 0,
                  device: torch.device | str = "cpu", temporal=None, tail_layers: int = 0,
                  cut_rank: int | None = None, adapter_codec: str = "fp32", prefix: bool = False,
                  entropy: str = "none", adapter_delta: str | None = None):

@@ -41,9 +41,9 @@ def client_adapter(cid: int) -> str:
 
 class SplitServer:
     def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], *, lr: float,
-                 weight_decay: float = 0.0, server_adapters: str = "per_client", grad_codec: str = "fp32",
+                 weight_decay: float = 0.0, server_adapters: str = "per_client", grad_codec: str | dict = "fp32",
                  device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None,
-                 codec: str = "fp32", tail_layers: int = 0, seed: int = 0,
+                 codec: str | dict = "fp32", tail_layers: int = 0, seed: int = 0,
                  weights: dict[int, float] | None = None, cut_rank: int | None = None,
                  adapter_codec: str = "fp32", prefix: bool = False, entropy: str = "none",
                  adapter_delta: str | None = None):
