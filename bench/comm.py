@@ -151,6 +151,17 @@ ROWS: dict[str, list[str]] = {
         "compression.grad_codec={grad_up: int8, grad_down: int2}", "compression.adapter_delta_codec=int2",
         f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
         f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
+    "ushape+codec-map+adapter-int2+grad_up-int4o": [
+        *USHAPE_ALL, "compression.codec={act_up: int8, act_down: int8o}",
+        "compression.grad_codec={grad_up: int4o, grad_down: int2}", "compression.adapter_delta_codec=int2",
+        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": [
+        *USHAPE_ALL, "compression.codec={act_up: int8, act_down: int8o}",
+        "compression.grad_codec={grad_up: int4o, grad_down: int2}", "compression.adapter_delta_codec=int2",
+        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
+        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.9}}"],
     "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
                              f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                              "compression.codec=int4", "compression.grad_codec=int4"],
