@@ -167,3 +167,14 @@ def test_report_on_a_real_run(tmp_path):
     assert f"| val perplexity | {summary['val_ppl']:.2f} |" in md
     assert f"| simulated time | {tables.fmt_seconds(summary['simulated_s'])} |" in md
     assert tables.fmt_seconds(0.09121) == "91.2 ms" and tables.fmt_seconds(360.0) == "360 s"
+
+
+def test_codec_column_reads_codec_maps_by_stream():
+    from pathlib import Path
+
+    from splitcom.report.runs import RunData, flatten
+
+    maps = flatten({"compression": {"codec": {"act_up": "int8", "act_down": "int8o"}, "grad_codec": "int4"}})
+    one = {"compression.codec": "fp32", "compression.grad_codec": "fp32"}
+    assert tables._codecs(RunData(Path("a"), "a", [], config=maps)) == "act_up int8, act_down int8o / int4"
+    assert tables._codecs(RunData(Path("b"), "b", [], config=one)) == "fp32 / fp32"

@@ -84,9 +84,14 @@ def _sim_time(r: RunData) -> float | None:
 
 
 def _codecs(r: RunData) -> str | None:
-    if "compression.codec" not in r.config:
-        return None
-    return f"{r.config['compression.codec']} / {r.config.get('compression.grad_codec')}"
+    def one(key: str) -> str | None:  # a codec, or a map by stream (flattened to key.stream entries)
+        if key in r.config:
+            return str(r.config[key])
+        by_stream = {k[len(key) + 1:]: v for k, v in r.config.items() if k.startswith(key + ".")}
+        return ", ".join(f"{k} {v}" for k, v in by_stream.items()) or None
+
+    act = one("compression.codec")
+    return None if act is None else f"{act} / {one('compression.grad_codec')}"
 
 
 def _with_ratio(get: Callable[[RunData], float | None], fmt: Callable[[float | None], str]):
