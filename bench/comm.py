@@ -40,6 +40,22 @@ USHAPE_ALL = ["split.mode=ushape", "split.tail_layers=2", *ALL, f"{T}.streams=[a
               f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.99999}}",
               "compression.grad_codec=int8"]
 
+
+def _ushape(codec: str, grad_codec: str, adapter: str, delta: dict | None = None,
+            threshold: dict | None = None) -> list[str]:
+    """A session-5 U-shape row: USHAPE_ALL with these FULL codecs and adapter-delta codec; DELTA codecs and
+    thresholds by stream, starting from act_up int2 / act_down int2o / grad_up int4 / grad_down int2 and
+    act_up 0.999 / act_down 0.99999 / grad_up 0.99999 / grad_down 0.95."""
+    d = {"act_up": "int2", "act_down": "int2o", "grad_up": "int4", "grad_down": "int2", **(delta or {})}
+    t = {"act_up": 0.999, "act_down": 0.99999, "grad_up": 0.99999, "grad_down": 0.95, **(threshold or {})}
+    by_stream = lambda m: "{" + ", ".join(f"{k}: {v}" for k, v in m.items()) + "}"  # noqa: E731
+    return [*USHAPE_ALL, f"compression.codec={codec}", f"compression.grad_codec={grad_codec}",
+            f"compression.adapter_delta_codec={adapter}", f"{T}.delta_codec={by_stream(d)}",
+            f"{T}.threshold={by_stream(t)}"]
+
+
+CODEC_MAP = "{act_up: int8, act_down: int8o}"  # int8o only where the massive-activation channels are
+
 ROWS: dict[str, list[str]] = {
     "baseline": [],
     "int8": ["compression.codec=int8"],
@@ -97,71 +113,35 @@ ROWS: dict[str, list[str]] = {
                                "grad_down: 0.9999}"],
     # error-feedback sign residuals (sign1) for grad_down, the stream that changes most between epochs;
     # act_down barely moves (reused at 0.9999); the cheap streams keep int2 DELTAs
-    "ushape+all+ef-sign": [*USHAPE_ALL, "compression.adapter_delta_codec=int2",
-                           f"{T}.delta_codec={{act_up: int2, act_down: int2, grad_up: int2, grad_down: sign1}}",
-                           f"{T}.threshold={{act_up: 0.999, act_down: 0.9999, grad_up: 0.99999, "
-                           "grad_down: 0.99999}"],
-    "ushape+all+ef-sign+grad_down-int4": [
-        *USHAPE_ALL, "compression.adapter_delta_codec=int2",
-        f"{T}.delta_codec={{act_up: int2, act_down: int2, grad_up: int2, grad_down: int4}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.9999, grad_up: 0.99999, grad_down: 0.99999}}"],
+    "ushape+all+ef-sign": _ushape("int8", "int8", "int2", {"act_down": "int2", "grad_up": "int2", "grad_down": "sign1"},
+                                  {"act_down": 0.9999, "grad_down": 0.99999}),
+    "ushape+all+ef-sign+grad_down-int4": _ushape("int8", "int8", "int2", {"act_down": "int2", "grad_up": "int2",
+                                                                          "grad_down": "int4"},
+                                                 {"act_down": 0.9999, "grad_down": 0.99999}),
     # act_down (the server's layer-28 output) carries massive-activation channels: int8o keeps each token's
     # 4 largest values exactly, so the FULL does not round the other channels away; act_down refreshes in
     # int4, grad_up / grad_down / act_up in int2, gradients' first sights in int4
-    "ushape+all+outliers": [*USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4",
-                            "compression.adapter_delta_codec=int2",
-                            f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: int2, grad_down: int2}}"],
-    "ushape+all+outliers+adapter-sign1": [*USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4",
-                                          "compression.adapter_delta_codec=sign1",
-                                          f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: int2, "
-                                          "grad_down: int2}"],
+    "ushape+all+outliers": _ushape("int8o", "int4", "int2", {"act_down": "int4", "grad_up": "int2"},
+                                   {"grad_down": 0.99999}),
+    "ushape+all+outliers+adapter-sign1": _ushape("int8o", "int4", "sign1", {"act_down": "int4", "grad_up": "int2"},
+                                                 {"grad_down": 0.99999}),
     # grad_down trains only the client's first blocks: reused while within 0.95 of what was last sent;
     # the bytes go to the gradient that trains the server's blocks (grad_up) or to act_down
-    "ushape+outliers+grad_up-sign1o": [
-        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
-        f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: sign1o, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
-    "ushape+outliers+grad_up-int4": [
-        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
-        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
-    "ushape+outliers+grad_up-int4+grad-int4o": [
-        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4o", "compression.adapter_delta_codec=sign1",
-        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    "ushape+outliers+grad_up-sign1o": _ushape("int8o", "int4", "sign1", {"act_down": "int4", "grad_up": "sign1o"}),
+    "ushape+outliers+grad_up-int4": _ushape("int8o", "int4", "sign1"),
+    "ushape+outliers+grad_up-int4+grad-int4o": _ushape("int8o", "int4o", "sign1"),
     # which stream's precision the last percent of ppl depends on: grad_down DELTAs every epoch (not reused),
     # or act_down refreshed in int4 instead of int2o
-    "ushape+outliers+grad_up-int4+grad_down-delta": [
-        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
-        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.99999}}"],
-    "ushape+outliers+grad_up-int4+act_down-int4": [
-        *USHAPE_ALL, "compression.codec=int8o", "compression.grad_codec=int4", "compression.adapter_delta_codec=sign1",
-        f"{T}.delta_codec={{act_up: int2, act_down: int4, grad_up: int4, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    "ushape+outliers+grad_up-int4+grad_down-delta": _ushape("int8o", "int4", "sign1", threshold={"grad_down": 0.99999}),
+    "ushape+outliers+grad_up-int4+act_down-int4": _ushape("int8o", "int4", "sign1", {"act_down": "int4"}),
     # codecs by stream: int8o only where the massive channels are (act_down), int8 first sights of grad_up
     # (the gradient that trains the server's blocks), int2 ones of grad_down (nothing downstream needs more)
-    "ushape+codec-map": [
-        *USHAPE_ALL, "compression.codec={act_up: int8, act_down: int8o}",
-        "compression.grad_codec={grad_up: int8, grad_down: int2}", "compression.adapter_delta_codec=sign1",
-        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
-    "ushape+codec-map+adapter-int2": [
-        *USHAPE_ALL, "compression.codec={act_up: int8, act_down: int8o}",
-        "compression.grad_codec={grad_up: int8, grad_down: int2}", "compression.adapter_delta_codec=int2",
-        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
+    "ushape+codec-map": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "sign1"),
+    "ushape+codec-map+adapter-int2": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "int2"),
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
-    "ushape+codec-map+adapter-int2+grad_up-int4o": [
-        *USHAPE_ALL, "compression.codec={act_up: int8, act_down: int8o}",
-        "compression.grad_codec={grad_up: int4o, grad_down: int2}", "compression.adapter_delta_codec=int2",
-        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.95}}"],
-    "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": [
-        *USHAPE_ALL, "compression.codec={act_up: int8, act_down: int8o}",
-        "compression.grad_codec={grad_up: int4o, grad_down: int2}", "compression.adapter_delta_codec=int2",
-        f"{T}.delta_codec={{act_up: int2, act_down: int2o, grad_up: int4, grad_down: int2}}",
-        f"{T}.threshold={{act_up: 0.999, act_down: 0.99999, grad_up: 0.99999, grad_down: 0.9}}"],
+    "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
+    "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(
+        CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2", threshold={"grad_down": 0.9}),
     "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
                              f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                              "compression.codec=int4", "compression.grad_codec=int4"],

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from splitcom.compress.codecs import CODECS
 from splitcom.errors import UserError
 
 
@@ -188,7 +189,7 @@ class DDPGCfg(_Strict):
 
 
 STREAMS = ("act_up", "grad_down", "act_down", "grad_up")
-Codec = Literal["fp32", "fp16", "bf16", "int8", "int4", "int2", "sign1", "int8o", "int4o", "int2o", "sign1o"]
+Codec = Literal[tuple(CODECS)]  # every codec name the wire knows (compress/codecs.py)
 
 
 def _unit_interval(v: float, key: str = "") -> float:
