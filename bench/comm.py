@@ -22,6 +22,7 @@ from pathlib import Path
 
 from splitcom.config import build_config, load_config
 from splitcom.federation.simulation import run
+from splitcom.runlog import CHECKPOINT
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,7 +219,12 @@ def main() -> int:
     ap.add_argument("--dataset", choices=list(DATASETS), default="e2e", help="E2E or WebNLG 2017 (../shared/data)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-comm")
-    ap.add_argument("--resume", action="store_true", help="reuse rows whose run with the same config finished")
+    ap.add_argument("--resume", action="store_true", help="reuse rows whose run with the same config finished; "
+                    "an unfinished one goes on from its last checkpoint")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 when two rows "
+                    "share a 2-core machine")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every row (repeatable), e.g. federation.server_adapters=shared")
     ap.add_argument("--score", type=int, default=0, metavar="N",
                     help="after each row, beam-search the first N distinct E2E dev inputs and add BLEU, NIST, "
                          "METEOR, ROUGE_L, CIDEr (0: off)")
@@ -232,15 +238,20 @@ def main() -> int:
         print(f"skipped: {args.dataset} data not found at {root}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     results = reference_rows(args)
     for name in args.rows:
         t0 = time.perf_counter()
-        cfg = build_config({}, common(args) + ROWS[name])
+        cfg = build_config({}, common(args) + args.extra + ROWS[name])
         done = args.runs / name / "summary.json"
-        if args.resume and done.is_file() and load_config(args.runs / name / "config.yaml") == cfg:
+        same = args.resume and (args.runs / name / "config.yaml").is_file() and \
+            load_config(args.runs / name / "config.yaml") == cfg
+        if same and done.is_file():
             s = json.loads(done.read_text())  # the same row already finished: reuse it
-        else:
-            s = run(cfg, args.runs / name, progress=False)
+        else:  # an unfinished row goes on from its last epoch's checkpoint
+            s = run(cfg, args.runs / name, progress=False, resume=same and (args.runs / name / CHECKPOINT).is_file())
         if args.score > 0:
             s = {**s, **score_row(args, args.runs / name)}
         results[name] = s
