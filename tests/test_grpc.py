@@ -171,6 +171,11 @@ def test_bad_messages_get_invalid_argument_naming_the_field(fake_server):
     # every envelope we counted is what gRPC serialized, both ways
     assert service.counters.wire.up == service.counters.grpc["up"]
     assert service.counters.wire.down == service.counters.grpc["down"]
+    # only the accepted messages count as traffic; each refusal is counted apart, by reason
+    # the good step and its echo, and the two labels messages (the first taken though its step was refused)
+    assert service.counters.serde.by_stream() == {"act_up": 2 * len(good), "labels_up": 2 * len(labels)}
+    assert {"INVALID_ARGUMENT header.magic", "PERMISSION_DENIED header.client_id", "INVALID_ARGUMENT envelope",
+            "INVALID_ARGUMENT kind"} <= set(service.counters.rejected)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -314,4 +319,11 @@ def test_bad_steps_are_rejected_and_the_run_goes_on(tmp_path, caplog):
     assert result["client0"]["rejected_steps"] == 0 and result["client0"]["steps"] == 5
     assert summary["dropped"] == [] and math.isfinite(summary["val_loss"])
     assert summary["wire_bytes_up"] == summary["grpc_message_bytes"]["up"]
+    # refused traffic is not training traffic: the run's act_up is what the two clients had accepted, and the
+    # refused bytes are counted apart by reason
+    accepted = result["client0"]["bytes_by_stream"]["act_up"] + bad.channel.counter.by_stream()["act_up"]
+    assert summary["bytes_by_stream"]["act_up"] == accepted
+    assert {"INVALID_ARGUMENT samples[0].payload_len", "INVALID_ARGUMENT samples[7].payload",
+            "INVALID_ARGUMENT weight"} <= set(summary["rejected_bytes"])
+    assert all(n > 0 for n in summary["rejected_bytes"].values())
     bad.conn.close()
