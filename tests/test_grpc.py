@@ -28,6 +28,7 @@ from splitcom.transport.grpc_client import AuthRefused, Disconnected, GrpcClient
 from splitcom.transport.grpc_server import SplitComService, peek, start_server
 from splitcom.transport.security import (
     TokenAuth,
+    call_metadata,
     load_tokens,
     plaintext_warning,
     server_credentials,
@@ -117,6 +118,25 @@ def test_tokens_decide_who_may_call(fake_server):
         ok.call("Join", pb.Envelope(payload=serde.encode(ControlMsg(1, 0, "join", {}))), TIMEOUT)
     assert ("join", 1) not in coord.calls and ("hello", 0) in coord.calls
     assert ok.call("Join", pb.Envelope(payload=serde.encode(ControlMsg(0, 0, "join", {}))), TIMEOUT).session == "fake"
+
+
+def test_a_protocol_the_server_does_not_speak_is_refused(fake_server, monkeypatch):
+    """Hello with protocol_version 999: FAILED_PRECONDITION naming both versions, before any config is given;
+    `splitcom client` of another version exits 2 at once."""
+    address, coord, _ = fake_server
+    with pytest.raises(grpc.RpcError) as err:
+        GrpcClient(address, 0, TOKENS[0]).channel.unary_unary(
+            "/splitcom.v1.SplitCom/Hello", request_serializer=pb.HelloRequest.SerializeToString,
+            response_deserializer=pb.HelloReply.FromString)(pb.HelloRequest(protocol_version=999),
+                                                            metadata=call_metadata(0, TOKENS[0]), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "version 999" in err.value.details() and f"version {serde.VERSION}" in err.value.details()
+    assert ("hello", 0) not in coord.calls
+    monkeypatch.setattr(GrpcClient, "hello", lambda self, timeout=30.0: self.call(
+        "Hello", pb.HelloRequest(protocol_version=999), timeout))  # a client of another splitcom version
+    result = CliRunner().invoke(app, ["client", "--server", address, "--client-id", "0", "--token", TOKENS[0],
+                                      "--reconnect-timeout", "5"])
+    assert result.exit_code == 2 and "protocol version 999" in result.output, result.output
 
 
 def test_client_with_a_wrong_token_exits_3(fake_server):

@@ -279,6 +279,13 @@ class SplitComService:
     # -- rpcs --
     def Hello(self, request, context):  # noqa: N802 (gRPC method names)
         cid = self._authenticate(context)
+        if isinstance(request, _Corrupt) or request.protocol_version != serde.VERSION:
+            spoken = "an unreadable version" if isinstance(request, _Corrupt) else \
+                f"protocol version {request.protocol_version}"
+            log.warning("client %s speaks %s; refused (this server speaks %d)", cid, spoken, serde.VERSION)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"protocol_version: the client speaks {spoken}, this server speaks protocol version "
+                          f"{serde.VERSION} (run the same splitcom version on both sides)")
         try:
             reply = pb.HelloReply(**self.coord.hello(cid))
         except Rejected as err:

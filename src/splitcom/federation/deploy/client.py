@@ -18,6 +18,7 @@ from splitcom.federation.deploy.plan import (
     PREPARE_LOCK,
     AuthFailure,
     DeployError,
+    VersionMismatch,
     batches_per_client,
     check_deployable,
     client_cuts,
@@ -86,6 +87,8 @@ class ClientDriver:
             self._load_snaps()
         except AuthRefused as err:
             raise AuthFailure(f"the server refused client {self.cid}: {err}") from None
+        except Dropped as err:  # FAILED_PRECONDITION on Hello: a protocol this server does not speak
+            raise VersionMismatch(f"the server refused client {self.cid}: {err}") from None
 
     def run(self) -> dict:
         try:
