@@ -74,6 +74,7 @@ def server_cmd(
                                                      "finished round.")] = None,
     join_timeout: Annotated[float | None, typer.Option(help="Seconds to wait for all clients before starting "
                                                             "with federation.min_clients.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start afresh in an OUT that holds a run.")] = False,
 ) -> None:
     """Serve a split federated run to `splitcom client` processes; writes the same OUT files as `run`."""
     logging.basicConfig(level=logging.INFO, format=FMT)
@@ -83,7 +84,11 @@ def server_cmd(
         from splitcom.runlog import write_json
         from splitcom.transport.security import plaintext_warning, server_credentials, split_address
 
-        if resume is not None:
+        if resume is None:
+            from splitcom.runlog import check_out_dir
+
+            check_out_dir(out, force)
+        else:
             if config is not None:
                 raise UserError("a resumed run uses OUT/config.yaml; drop --config", where="--config")
             out, config = resume, resume / "config.yaml"

@@ -7,6 +7,8 @@ import os
 import resource
 from pathlib import Path
 
+from splitcom.errors import UserError
+
 
 class RunLog:
     """metrics.jsonl writer; with ``tensorboard`` set, the same numbers also go to TensorBoard scalars
@@ -26,8 +28,6 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from splitcom.errors import UserError
-
                 raise UserError("needs the tensorboard package (pip install tensorboard)",
                                 where="logging.tensorboard") from None
             self._tb = SummaryWriter(str(tensorboard))
@@ -57,6 +57,21 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+RUN_FILES = ("summary.json", "checkpoint.pt", "metrics.jsonl", "config.yaml")
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """``--out`` must be a directory (or not exist yet); one that holds a finished or interrupted run is not
+    overwritten unless the user says so."""
+    if out.exists() and not out.is_dir():
+        raise UserError("is a file, not a directory (--out names the run's output directory)", where=str(out))
+    held = [f for f in RUN_FILES if (out / f).is_file()]
+    if held and not force:
+        state = "a finished run" if "summary.json" in held else "an interrupted run"
+        raise UserError(f"holds {state} ({', '.join(held)}): pass --resume to go on with it, --force to start "
+                        "afresh over it, or another --out", where=str(out))
 
 
 CHECKPOINT = "checkpoint.pt"  # OUT/checkpoint.pt: what `run --resume` and `server --resume` go on from

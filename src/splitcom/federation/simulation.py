@@ -203,9 +203,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                     round_losses.setdefault(cid, []).append(loss)
                     if sfl:
                         jobs.append(fleet.job(cid, plan[step], *w.channel.take_bytes()))
-                    mb = (counter.up + counter.down) / 1e6
                     bar.update(task, advance=1, description=f"epoch {epoch}/{cfg.train.epochs} client {cid} "
-                               f"step {step + 1}/{len(plan)} loss {loss:.3f} sent {mb:.2f} MB")
+                               f"step {step + 1}/{len(plan)} loss {loss:.3f} up {counter.up / 1e6:.2f} MB "
+                               f"down {counter.down / 1e6:.2f} MB")
                     if global_step % cfg.logging.log_every == 0:
                         log.write("step", epoch=epoch, step=step, client=cid, loss=loss,
                                   bytes_up=counter.up, bytes_down=counter.down)
