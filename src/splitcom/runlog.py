@@ -15,14 +15,16 @@ class RunLog:
     (``event/field``, stepped by epoch, or by the running step count for ``step`` events)."""
 
     def __init__(self, path: Path, append: bool = False, tensorboard: Path | None = None,
-                 keep_bytes: int | None = None):
+                 keep_bytes: int | None = None, replay: list | None = None):
         """``keep_bytes``: resuming from a checkpoint, keep what was logged up to it and append after it
-        (what the lost part of the run logged is forgotten)."""
+        (what the lost part of the run logged is forgotten); ``replay``: the checkpoint's ``pending`` events,
+        written again after it (a crash may have come before they were)."""
         self.path = path
         if keep_bytes is not None:
             with path.open("r+b") as fh:
                 fh.truncate(keep_bytes)
         self._fh = path.open("a" if append or keep_bytes is not None else "w", encoding="utf-8")
+        self.pending: list[list] = []  # [event, fields] held back until the checkpoint that covers them is saved
         self._tb, self._steps = None, 0
         if tensorboard is not None:
             try:
@@ -31,6 +33,8 @@ class RunLog:
                 raise UserError("needs the tensorboard package (pip install tensorboard)",
                                 where="logging.tensorboard") from None
             self._tb = SummaryWriter(str(tensorboard))
+        for event, fields in replay or []:
+            self.write(event, **fields)
 
     def write(self, event: str, **fields) -> None:
         self._fh.write(json.dumps({"event": event, **fields}) + "\n")
@@ -45,6 +49,23 @@ class RunLog:
                             self._tb.add_scalar(f"{event}/{key}/{sub}", v, step)
                 elif isinstance(value, int | float) and not isinstance(value, bool) and key not in ("epoch", "step"):
                     self._tb.add_scalar(f"{event}/{key}", value, step)
+
+    def defer(self, event: str, **fields) -> None:
+        """An epoch's closing events wait for its checkpoint: the checkpoint is written first (carrying them),
+        then they are (``commit``), so metrics.jsonl never says an epoch finished that ``--resume`` cannot
+        find."""
+        self.pending.append([event, fields])
+
+    def commit(self) -> None:
+        for event, fields in self.pending:
+            self.write(event, **fields)
+        self.pending = []
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (what a checkpoint keeps of the log)."""
+        self._fh.flush()
+        return self.path.stat().st_size
 
     def close(self) -> None:
         self._fh.close()

@@ -25,7 +25,7 @@ def save_checkpoint(self, t0: float) -> None:
         "reuse": self.reuse.state_dict(),
         "counters": {name: getattr(self.counters, name).state_dict() for name in ("serde", "wire")},
         "grpc_bytes": dict(self.counters.grpc), "rejected_bytes": dict(self.counters.rejected),
-        "metrics_bytes": (self.out / "metrics.jsonl").stat().st_size,
+        "metrics_bytes": self.log.size, "pending": self.log.pending,
     }
     atomic_save(state, self.out / CHECKPOINT)
 
@@ -52,6 +52,7 @@ def load_checkpoint(self) -> None:
     self.counters.grpc.update(st["grpc_bytes"])
     self.counters.rejected.update(st.get("rejected_bytes", {}))
     self.metrics_bytes = st["metrics_bytes"]  # RunLog keeps the log up to here
+    self.pending_replay = st.get("pending", [])  # and writes again the events that came after it
     if self.cfg.compression.temporal.enabled:
         log.warning("resuming with temporal reuse: its caches restart empty, so the result is correct but "
                     "not bit-identical to an uninterrupted run")
