@@ -73,6 +73,22 @@ def test_out_is_never_overwritten_silently(tmp_path):
     assert again.exit_code == 0, again.output
 
 
+def test_progress_without_a_terminal_is_one_line_per_epoch(tmp_path):
+    """Output to a file or a CI log (not a terminal): a plain line per epoch as it ends, with the losses, the
+    bytes up and down, reuse and the elapsed time."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.txt"
+    with log.open("w") as fh:
+        subprocess.run([sys.executable, "-m", "splitcom.cli", "run", *FAST, "--set", "train.epochs=2", "--out",
+                        str(tmp_path / "run")], stdout=fh, stderr=subprocess.STDOUT, check=True, timeout=300)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], log.read_text()
+    for word in ("train loss", "val loss", "ppl", "up", "down", "reuse"):
+        assert word in lines[0], word
+
+
 def test_score_cli(tmp_path):
     refs, hyps = tmp_path / "refs.txt", tmp_path / "hyps.txt"
     refs.write_text("The Eagle is a pub.\nThe Eagle pub.\n\nZizzi serves French food.\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -190,7 +191,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             workers[0].optimizer.load_state_dict(ckpt["central"]["optimizer"])
             workers[0].tokens_forwarded = ckpt["central"]["tokens_forwarded"]
         log_.info("resuming %s after epoch %d of %d", out, ckpt["epoch"], cfg.train.epochs)
-    with _progress(cfg.logging.progress) as bar:
+    # the live bar only where someone watches a terminal; elsewhere one plain line per epoch (below)
+    with _progress(progress and cfg.logging.progress and sys.stderr.isatty()) as bar:
         task = bar.add_task("starting", total=cfg.train.epochs * sum(plans),
                             completed=(first_epoch - 1) * sum(plans))
         for epoch in range(first_epoch, cfg.train.epochs + 1):
@@ -224,6 +226,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                     since_round = 0
             if every == "epoch" or since_round:
                 aggregate(epoch)
+            bar.update(task, description=f"epoch {epoch}/{cfg.train.epochs}: evaluating on {len(s.val)} dev samples")
             val_loss, val_ppl = validate(epoch)
             if sfl:
                 simulated_by_epoch.append(fleet.clock.now - sum(simulated_by_epoch))
@@ -232,6 +235,14 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             train_losses.append(sum(losses) / len(losses))
             s.bank.model.save_pretrained(str(out / "adapter"), selected_adapters=[GLOBAL])
             checkpoint(epoch)
+            line = (f"epoch {epoch}/{cfg.train.epochs}: train loss {train_losses[-1]:.4f}, val loss {val_loss:.4f} "
+                    f"(ppl {val_ppl:.2f}), up {counter.up / 1e6:.2f} MB, down {counter.down / 1e6:.2f} MB"
+                    + (f", reuse {reuse.by_epoch[-1]['reuse_ratio']:.3f}" if sfl else "")
+                    + f", {time.perf_counter() - t0:.0f} s")
+            if bar.disable:  # not a terminal (CI logs, nohup, a file): one plain line per epoch
+                print(line, file=sys.stderr, flush=True)
+            else:
+                bar.console.print(line, highlight=False)
     log.close()
     temporal = {}
     if sfl:
