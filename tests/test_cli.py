@@ -89,6 +89,29 @@ def test_progress_without_a_terminal_is_one_line_per_epoch(tmp_path):
         assert word in lines[0], word
 
 
+def test_unknown_model_fails_at_once_listing_the_aliases(tmp_path, monkeypatch):
+    """Not an alias, a directory or an org/name id: exit 2 at once (no Hub call), the aliases listed (the
+    brackets of an earlier message were eaten as markup); an org/name id offline, not cached: exit 2 fast."""
+    from splitcom.models import load
+
+    calls = []
+    real = load._from_pretrained
+    monkeypatch.setattr(load, "_from_pretrained", lambda where, local_only: calls.append((where, local_only)) or
+                        real(where, local_only))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", "model.name=smollm3", "--out", str(tmp_path / "a")]))
+    assert "model.name" in text and "smollm2-135m, tiny-gpt2, tiny-llama" in text and "org/name" in text
+    assert calls == []  # nothing was asked of transformers or the Hub
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", "model.name=nobody/no-such-model-xyz",
+                                    "--out", str(tmp_path / "b")]))
+    assert "HF_HUB_OFFLINE" in text and "tiny-llama" in text
+    assert calls == [("nobody/no-such-model-xyz", True)]  # the local HF cache only: offline means offline
+    (tmp_path / "empty").mkdir()
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", f"model.name={tmp_path / 'empty'}",
+                                    "--out", str(tmp_path / "c")]))
+    assert "not a loadable HF model directory" in text
+
+
 def test_score_cli(tmp_path):
     refs, hyps = tmp_path / "refs.txt", tmp_path / "hyps.txt"
     refs.write_text("The Eagle is a pub.\nThe Eagle pub.\n\nZizzi serves French food.\n")
