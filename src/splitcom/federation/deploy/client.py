@@ -18,6 +18,7 @@ from splitcom.federation.deploy.plan import (
     PREPARE_LOCK,
     AuthFailure,
     DeployError,
+    TlsMismatch,
     VersionMismatch,
     batches_per_client,
     check_deployable,
@@ -39,6 +40,7 @@ from splitcom.transport.grpc_client import (
     GrpcClient,
     RunAborted,
 )
+from splitcom.transport.security import tls_mismatch
 
 
 @dataclass
@@ -134,6 +136,9 @@ class ClientDriver:
             try:
                 return fn()
             except Disconnected as err:
+                why = tls_mismatch(self.opts.server, self.opts.tls_ca)  # a TLS mistake never heals:
+                if why is not None:  # say so at once instead of retrying for reconnect_s
+                    raise TlsMismatch(why) from None
                 if time.monotonic() > deadline:
                     raise DeployError(f"server {self.opts.server} unreachable for {self.opts.reconnect_s:g} s "
                                       f"({err})") from None

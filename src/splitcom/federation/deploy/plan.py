@@ -98,6 +98,12 @@ class AuthFailure(DeployError):
     exit_code = 3
 
 
+class TlsMismatch(DeployError):
+    """TLS on one side only, or a server certificate the client's CA did not sign: bad flags, exit 2."""
+
+    exit_code = 2
+
+
 class VersionMismatch(DeployError):
     """The server does not speak this client's protocol version: nothing to retry."""
 
