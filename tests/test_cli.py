@@ -32,6 +32,7 @@ def _err(result):
     (["--set", "model.lora.cut_rank=2", "--set", "federation.server_adapters=shared"],
      "model.lora.cut_rank, federation.server_adapters"),
     (["--resume"], "checkpoint.pt"),
+    (["--set", "compression.codec=int9"], "compression.codec: Input should be 'fp32'"),  # no union tag in the key
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     text = _err(runner.invoke(app, ["run", *FAST, *args, "--out", str(tmp_path)]))
