@@ -1,5 +1,5 @@
 """Per-epoch bookkeeping of temporal reuse and the threshold controller that sets the next epoch's
-threshold (compress/control.py). Kept out of the rounds loop so the loop stays readable."""
+threshold (compress/control/). Kept out of the rounds loop so the loop stays readable."""
 
 from __future__ import annotations
 
