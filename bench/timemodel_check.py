@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from splitcom.config import build_config
-from splitcom.federation.clock import SimClock
 from splitcom.federation.setup import prepare
+from splitcom.fleet.clock import SimClock
 from splitcom.models.split import causal_lm_loss, pad, unpad
 
 warnings.filterwarnings("ignore")

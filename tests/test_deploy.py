@@ -16,7 +16,9 @@ import yaml
 from safetensors.torch import load_file
 
 from splitcom.config import build_config
-from splitcom.federation.deploy import ClientDriver, ClientOptions, ServerDriver, round_plan
+from splitcom.deploy.client import ClientDriver, ClientOptions
+from splitcom.deploy.plan import round_plan
+from splitcom.deploy.server import ServerDriver
 from splitcom.federation.simulation import run as run_sim
 from splitcom.runlog import read_metrics
 
@@ -328,7 +330,7 @@ def test_round_plan_is_simulations_aggregation_points():
 
 
 def test_server_generates_tokens_readable_by_owner_only(tmp_path):
-    from splitcom.cli_deploy import _tokens
+    from splitcom.deploy.cli import _tokens
 
     tokens = _tokens(None, tmp_path, 3)
     assert sorted(tokens) == [0, 1, 2] and len(set(tokens.values())) == 3

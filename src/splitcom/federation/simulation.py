@@ -22,10 +22,10 @@ from splitcom.errors import UserError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.client import SplitClient
-from splitcom.federation.fleet import Fleet
 from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
 from splitcom.federation.setup import Setup, prepare, tail_layers
+from splitcom.fleet.fleet import Fleet
 from splitcom.models.adapters import GLOBAL
 from splitcom.runlog import CHECKPOINT, RunLog, atomic_save, peak_rss_bytes, write_json
 from splitcom.transport.counters import ByteCounter

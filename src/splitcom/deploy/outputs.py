@@ -8,8 +8,8 @@ import time
 
 import torch
 
+from splitcom.deploy.plan import log
 from splitcom.errors import UserError
-from splitcom.federation.deploy.plan import log
 from splitcom.federation.setup import tail_layers
 from splitcom.runlog import CHECKPOINT, atomic_save, peak_rss_bytes
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import yaml
 
 from splitcom.config import build_config
-from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.deploy.plan import (
+from splitcom.deploy.plan import (
     PREPARE_LOCK,
     AuthFailure,
     DeployError,
@@ -26,6 +25,7 @@ from splitcom.federation.deploy.plan import (
     partition_digest,
     round_plan,
 )
+from splitcom.errors import ProtocolError, UserError
 from splitcom.federation.setup import prepare
 from splitcom.federation.simulation import make_client
 from splitcom.models.adapters import GLOBAL

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from splitcom.config import dump_config
-from splitcom.federation.deploy.plan import RoundSpec, forget_summaries, log, partition_digest
+from splitcom.deploy.plan import RoundSpec, forget_summaries, log, partition_digest
 from splitcom.protocol import serde
 from splitcom.protocol.messages import Stream
 from splitcom.transport.grpc_server import (
