@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from splitcom.config import build_config
-from splitcom.federation.setup import prepare
-from splitcom.federation.simulation import make_client, make_server, run
+from splitcom.federation.setup import make_client, make_server, prepare
+from splitcom.federation.simulation import run
+from splitcom.protocol.messages import Stream
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "comm.py"
 BASE = {"model.name": "tiny-llama", "split.cut_layer": 2, "data.dataset": "synthetic",
@@ -145,12 +146,14 @@ def fingerprint(s, cfg) -> dict:
     server, client = make_server(s, {0: cut, 1: cut}), make_client(s, 1, cut, None)
     return {"client": {"out": [_outgoing(e) for e in client.out.values()],
                        "in": [_incoming(e) for e in client.inc.values()],
-                       "adapter": [client.adapter_codec, client.adapter_delta], "ushape": client.ushape,
-                       "layers": client.layers, "prefix": client.prefix, "entropy": client.entropy},
+                       "adapter": [client.plan.adapters.codec, client.adapter_delta], "ushape": client.ushape,
+                       "layers": client.layers, "prefix": client.plan.sends[Stream.act_up].prefix,
+                       "entropy": client.plan.entropy},
             "server": {"out": [_outgoing(e) for e in server.out[1].values()],
                        "in": [_incoming(e) for e in server.inc[1].values()],
-                       "adapter": [server.adapter_codec, server.adapter_delta], "skip": server.skip_reused_grad,
-                       "end": server.end, "entropy": server.entropy}}
+                       "adapter": [server.plan.adapters.codec, server.adapter_delta],
+                       "skip": server.plan.sends[Stream.grad_down].skip_reused, "end": server.end,
+                       "entropy": server.plan.entropy}}
 
 
 def test_every_comm_row_builds_the_same_stream_ends():

@@ -26,8 +26,7 @@ from splitcom.deploy.plan import (
     round_plan,
 )
 from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.setup import prepare
-from splitcom.federation.simulation import make_client
+from splitcom.federation.setup import make_client, prepare
 from splitcom.models.adapters import GLOBAL
 from splitcom.transport.grpc_client import (
     AuthRefused,

@@ -24,8 +24,7 @@ from splitcom.deploy.plan import (
     round_plan,
 )
 from splitcom.federation.reuse import ReuseControl
-from splitcom.federation.setup import prepare
-from splitcom.federation.simulation import make_server
+from splitcom.federation.setup import make_server, prepare
 from splitcom.fleet.fleet import Fleet
 from splitcom.fleet.schedule import Job, make_schedule
 from splitcom.models.adapters import GLOBAL
