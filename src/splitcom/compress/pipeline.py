@@ -18,6 +18,7 @@ from splitcom.errors import ProtocolError
 from splitcom.protocol import serde
 from splitcom.protocol.messages import PrefixRef, SampleTensor, Stream, TensorMsg
 
+TRANSFER_KEYS = ("full", "reuse", "delta", "delta_bytes", "prefix_rows_shared", "prefix_bytes_saved", "cache_bytes")
 PREFIX_BYTES = serde.PREFIX.size  # ref_key u64 | ref_len u32 | own_key u64 | own_len u32
 
 
@@ -133,9 +134,22 @@ class Outgoing:
         return self.sent_reuse / max(self.sent_full + self.sent_reuse, 1)
 
     def counts(self) -> dict[str, int]:
+        """TRANSFER_KEYS: samples sent FULL, REUSE, DELTA; DELTA bytes; prefix rows shared and bytes saved;
+        the sender's cache bytes."""
         return {"full": self.sent_full - self.sent_delta, "reuse": self.sent_reuse, "delta": self.sent_delta,
                 "delta_bytes": self.delta_bytes, "prefix_rows_shared": self.prefix.rows_shared if self.prefix else 0,
                 "prefix_bytes_saved": self.prefix_bytes_saved, "cache_bytes": self.cache_bytes}
+
+
+def add_counts(*parts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Sum counters by stream (``counts()`` of several ends, or of several sides' ends), streams sorted."""
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for stream, counts in part.items():
+            acc = out.setdefault(stream, {})
+            for k, v in counts.items():
+                acc[k] = acc.get(k, 0) + v
+    return dict(sorted(out.items()))
 
 
 _COUNTS = ("sent_full", "sent_reuse", "bytes_saved", "sent_delta", "delta_bytes", "prefix_bytes_saved")

@@ -286,12 +286,7 @@ class ServerDriver(Coordination):
                 if call.status is None:
                     with self.cond:
                         rnd.pushed.add(cid)
-                        st, new = self.stats[cid], call.request.stats
-                        st.sent_full += new.sent_full
-                        st.sent_reuse += new.sent_reuse
-                        st.bytes_saved += new.bytes_saved
-                        st.tokens_forwarded += new.tokens_forwarded
-                        st.cache_bytes = new.cache_bytes
+                        self.stats[cid].add(call.request.stats)
                     break
         with self.cond:
             if len(rnd.pushed) < self.cfg.federation.min_clients:

@@ -141,6 +141,10 @@ class SplitClient:
     def bytes_saved(self) -> int:
         return self.out[Stream.act_up].bytes_saved
 
+    def stream_counts(self) -> dict[str, dict[str, int]]:
+        """Per stream this client sends, its end's counters (Outgoing.counts)."""
+        return {st.name: e.counts() for st, e in self.out.items()}
+
     @property
     def cache_bytes(self) -> int:
         held = sum(t.numel() * t.element_size() for t in self.held.values()) if self.held else 0

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from splitcom.compress.adapter_delta import HeldBySender, apply_delta, encode_delta, same_layout
-from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
+from splitcom.compress.pipeline import add_counts, end_counts, set_end_counts, stream_ends
 from splitcom.compress.plan import SidePlan
 from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
@@ -298,14 +298,9 @@ class SplitServer:
             for stream, end in ends.items():
                 end.threshold = value.get(stream.name, end.threshold) if isinstance(value, dict) else value
 
-    def reuse_by_stream(self) -> dict[str, tuple[int, int]]:
-        """(FULL, REUSE) sample transfers per stream the server sends."""
-        out: dict[str, tuple[int, int]] = {}
-        for ends in self.out.values():
-            for stream, end in ends.items():
-                full, reuse = out.get(stream.name, (0, 0))
-                out[stream.name] = (full + end.sent_full, reuse + end.sent_reuse)
-        return out
+    def stream_counts(self) -> dict[str, dict[str, int]]:
+        """Per stream the server sends, its ends' counters summed over the clients (Outgoing.counts)."""
+        return add_counts(*({st.name: e.counts() for st, e in ends.items()} for ends in self.out.values()))
 
     @property
     def cache_bytes(self) -> int:
