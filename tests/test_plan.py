@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from splitcom.compress.plan import StreamPlan, stream_plan
 from splitcom.config import build_config
 from splitcom.federation.setup import make_client, make_server, prepare
 from splitcom.federation.simulation import run
@@ -126,6 +127,36 @@ def _one_thread():
     torch.set_num_threads(1)  # as the references were taken (and much quicker on a busy machine)
     yield
     torch.set_num_threads(threads)
+
+
+def test_stream_plan_reads_every_setting_for_its_stream():
+    """Codec maps by stream, per-stream thresholds and DELTA codecs, reuse only where listed, prefixes on
+    act_up only, the skip of reused gradients on grad_down only; both ends of a stream share its plan."""
+    T = "compression.temporal"
+    cfg = build_config({}, ["split.mode=ushape", "train.seed=5", "compression.codec={act_up: int8, act_down: int8o}",
+                            "compression.grad_codec={grad_up: int4}", "compression.prefix=true",
+                            "compression.entropy=zstd", "compression.adapter_codec=int8",
+                            "compression.adapter_refresh=delta", f"{T}.enabled=true", f"{T}.streams=[act_up,grad_down]",
+                            f"{T}.threshold={{act_up: 0.99}}", f"{T}.delta_codec={{grad_down: int2}}",
+                            f"{T}.refresh=delta", f"{T}.reused_grad=skip", f"{T}.store=disk",
+                            f"{T}.max_reuse_streak=3", f"{T}.projection_dim=8"])
+    client, server = stream_plan(cfg, "client"), stream_plan(cfg, "server")
+    common = {"projection_dim": 8, "seed": 5, "max_reuse_streak": 3, "refresh": "delta", "store": "disk",
+              "entropy": "zstd"}
+    assert client.sends == {
+        Stream.act_up: StreamPlan(Stream.act_up, "int8", True, 0.99, prefix=True, **common),
+        Stream.grad_up: StreamPlan(Stream.grad_up, "int4", False, 0.999, **common)}
+    assert server.sends == {
+        Stream.grad_down: StreamPlan(Stream.grad_down, "fp32", True, 0.999, delta_codec="int2", skip_reused=True,
+                                     **common),
+        Stream.act_down: StreamPlan(Stream.act_down, "int8o", False, 0.999, **common)}
+    assert client.receives == server.sends and server.receives == client.sends
+    assert client.adapters == StreamPlan(Stream.adapters_up, "int8", refresh="delta", entropy="zstd")
+    assert server.adapters.stream == Stream.adapters_down and server.adapter_delta == client.adapter_delta == "int4"
+    standard = stream_plan(build_config({}, []), "server")
+    assert list(standard.sends) == [Stream.grad_down] and list(standard.receives) == [Stream.act_up]
+    assert standard.adapter_delta is None and standard.sends[Stream.grad_down] == StreamPlan(Stream.grad_down,
+                                                                                            threshold=0.999)
 
 
 def _outgoing(e) -> list:
