@@ -53,6 +53,65 @@ def test_run_prints_headline(tmp_path):
     assert "val loss" in result.output and (tmp_path / "summary.json").is_file()
 
 
+def test_out_is_never_overwritten_silently(tmp_path):
+    """--out naming a file: exit 2, one line. A directory holding a finished run: exit 2 naming --resume and
+    --force; --force starts afresh; the end of a run points at eval and report."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "is a file" in _err(runner.invoke(app, ["run", *FAST, "--out", str(f)]))
+    out = tmp_path / "run"
+    first = runner.invoke(app, ["run", *FAST, "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert f"splitcom eval {out}" in first.output and f"splitcom report {out}" in first.output
+    before = (out / "summary.json").read_bytes()
+    text = _err(runner.invoke(app, ["run", *FAST, "--out", str(out)]))
+    assert "finished run" in text and "--resume" in text and "--force" in text
+    assert (out / "summary.json").read_bytes() == before  # nothing was touched
+    (out / "summary.json").unlink()
+    assert "interrupted run" in _err(runner.invoke(app, ["run", *FAST, "--out", str(out)]))
+    again = runner.invoke(app, ["run", *FAST, "--set", "train.seed=1", "--out", str(out), "--force"])
+    assert again.exit_code == 0, again.output
+
+
+def test_progress_without_a_terminal_is_one_line_per_epoch(tmp_path):
+    """Output to a file or a CI log (not a terminal): a plain line per epoch as it ends, with the losses, the
+    bytes up and down, reuse and the elapsed time."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.txt"
+    with log.open("w") as fh:
+        subprocess.run([sys.executable, "-m", "splitcom.cli", "run", *FAST, "--set", "train.epochs=2", "--out",
+                        str(tmp_path / "run")], stdout=fh, stderr=subprocess.STDOUT, check=True, timeout=300)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], log.read_text()
+    for word in ("train loss", "val loss", "ppl", "up", "down", "reuse"):
+        assert word in lines[0], word
+
+
+def test_unknown_model_fails_at_once_listing_the_aliases(tmp_path, monkeypatch):
+    """Not an alias, a directory or an org/name id: exit 2 at once (no Hub call), the aliases listed (the
+    brackets of an earlier message were eaten as markup); an org/name id offline, not cached: exit 2 fast."""
+    from splitcom.models import load
+
+    calls = []
+    real = load._from_pretrained
+    monkeypatch.setattr(load, "_from_pretrained", lambda where, local_only: calls.append((where, local_only)) or
+                        real(where, local_only))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", "model.name=smollm3", "--out", str(tmp_path / "a")]))
+    assert "model.name" in text and "smollm2-135m, tiny-gpt2, tiny-llama" in text and "org/name" in text
+    assert calls == []  # nothing was asked of transformers or the Hub
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", "model.name=nobody/no-such-model-xyz",
+                                    "--out", str(tmp_path / "b")]))
+    assert "HF_HUB_OFFLINE" in text and "tiny-llama" in text
+    assert calls == [("nobody/no-such-model-xyz", True)]  # the local HF cache only: offline means offline
+    (tmp_path / "empty").mkdir()
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", f"model.name={tmp_path / 'empty'}",
+                                    "--out", str(tmp_path / "c")]))
+    assert "not a loadable HF model directory" in text
+
+
 def test_score_cli(tmp_path):
     refs, hyps = tmp_path / "refs.txt", tmp_path / "hyps.txt"
     refs.write_text("The Eagle is a pub.\nThe Eagle pub.\n\nZizzi serves French food.\n")
