@@ -4,7 +4,7 @@
 
 For each cut: the measured seconds of the client's head forward, the server's body forward + backward
 (with the loss) and the client's head backward, on real batches, against the time model's prediction
-for the `cpu-2core` profile (whose FLOP/s is itself a measured sgemm rate, see federation/devices.py).
+for the `cpu-2core` profile (whose FLOP/s is itself a measured sgemm rate, see fleet/devices.py).
 Prints the relative error of each phase and of the whole step.
 """
 
