@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from splitcom.cli import app
 from splitcom.compress.codecs import get_codec
+from splitcom.deploy.client import ClientDriver, ClientOptions
+from splitcom.deploy.server import ServerDriver
 from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.deploy import ClientDriver, ClientOptions, ServerDriver
 from splitcom.protocol import serde
 from splitcom.protocol import splitcom_pb2 as pb
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, SampleTensor, Stream, TensorMsg

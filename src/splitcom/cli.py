@@ -91,7 +91,7 @@ app.command("report")(report_cmd)
 app.command("export")(export_cmd)
 
 
-from splitcom.cli_deploy import client_cmd, server_cmd  # noqa: E402
+from splitcom.deploy.cli import client_cmd, server_cmd  # noqa: E402
 
 app.command("server")(server_cmd)
 app.command("client")(client_cmd)

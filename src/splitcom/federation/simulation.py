@@ -23,10 +23,10 @@ from splitcom.errors import UserError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.client import SplitClient
-from splitcom.federation.fleet import Fleet
 from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
-from splitcom.federation.setup import Setup, prepare, tail_layers
+from splitcom.federation.setup import Setup, make_client, make_server, prepare, tail_layers
+from splitcom.fleet.fleet import Fleet
 from splitcom.models.adapters import GLOBAL
 from splitcom.runlog import CHECKPOINT, RunLog, atomic_save, peak_rss_bytes, write_json
 from splitcom.transport.counters import ByteCounter
@@ -36,29 +36,6 @@ from splitcom.transport.inprocess import InProcessChannel
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
-
-
-def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
-                weights: dict[int, float] | None = None) -> SplitServer:
-    """The server of a run, as simulation and deployment both build it."""
-    cfg, c = s.cfg, s.cfg.compression
-    return SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                       server_adapters=cfg.federation.server_adapters, grad_codec=c.grad_codec, device=s.device,
-                       temporal=c.temporal, cache_dir=cache_dir, codec=c.codec, tail_layers=tail_layers(cfg),
-                       seed=cfg.train.seed, weights=weights, cut_rank=cfg.model.lora.cut_rank,
-                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy,
-                       adapter_delta=c.adapter_delta_codec if c.adapter_refresh == "delta" else None)
-
-
-def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
-    """Client ``cid`` of a run, as simulation and deployment both build it."""
-    cfg, t, c = s.cfg, s.cfg.train, s.cfg.compression
-    return SplitClient(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]], lr=t.lr,
-                       weight_decay=t.weight_decay, codec=c.codec, grad_codec=c.grad_codec,
-                       tail_layers=tail_layers(cfg), batch_size=t.batch_size, pad_id=s.pad_id, seed=t.seed,
-                       device=s.device, temporal=c.temporal, cut_rank=cfg.model.lora.cut_rank,
-                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy,
-                       adapter_delta=c.adapter_delta_codec if c.adapter_refresh == "delta" else None)
 
 
 def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,

@@ -1,6 +1,6 @@
 """gRPC server transport: authenticated envelopes in, serde bytes to the deployment driver, replies out.
 
-This layer knows gRPC and protobuf; the driver behind it (``Coordinator``, federation/deploy/) sees
+This layer knows gRPC and protobuf; the driver behind it (``Coordinator``, splitcom/deploy/) sees
 client ids and serde bytes only, like ``SplitServer.handle_bytes``. Per message it: authenticates the
 call (token per client id), refuses oversized payloads, checks the serde header (message type for this
 rpc, client id = the authenticated one), hands a ``Call`` to the driver, and turns the driver's reply,
@@ -186,7 +186,7 @@ def _reply(call: Call, payload: bytes | None, status, fields: dict):
 
 
 class Coordinator(Protocol):
-    """What the transport needs from the deployment driver (federation/deploy/coordinator.py)."""
+    """What the transport needs from the deployment driver (deploy/coordinator.py)."""
 
     max_message_bytes: int
     step_streams: frozenset[Stream]  # tensor streams a client may send on its step stream

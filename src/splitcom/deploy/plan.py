@@ -13,8 +13,8 @@ import numpy as np
 
 from splitcom.config import Config
 from splitcom.errors import UserError
-from splitcom.federation.fleet import Fleet
 from splitcom.federation.setup import Setup
+from splitcom.fleet.fleet import Fleet
 
 log = logging.getLogger("splitcom.deploy")
 PREPARE_LOCK = threading.Lock()  # prepare() seeds torch's global RNG: one at a time per process

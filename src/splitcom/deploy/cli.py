@@ -81,7 +81,8 @@ def server_cmd(
     logging.basicConfig(level=logging.INFO, format=FMT)
     try:
         from splitcom.config import load_config
-        from splitcom.federation.deploy import DeployError, ServerDriver, check_deployable
+        from splitcom.deploy.plan import DeployError, check_deployable
+        from splitcom.deploy.server import ServerDriver
         from splitcom.runlog import write_json
         from splitcom.transport.security import plaintext_warning, server_credentials, split_address
 
@@ -145,7 +146,8 @@ def client_cmd(
     """Train one client of a `splitcom server` run (its config comes from the server)."""
     logging.basicConfig(level=logging.INFO, format=FMT)
     try:
-        from splitcom.federation.deploy import ClientDriver, ClientOptions, DeployError
+        from splitcom.deploy.client import ClientDriver, ClientOptions
+        from splitcom.deploy.plan import DeployError
         from splitcom.transport.security import plaintext_warning, split_address
 
         host, _ = split_address(server)
