@@ -122,9 +122,10 @@ class DataCfg(_Strict):
 
 
 class FederationCfg(_Strict):
-    mode: Literal["sfl", "centralized"] = Field(
-        "sfl", description="`sfl`: split federated; `centralized`: one PEFT LoRA model, no split."
-    )
+    mode: Literal["sfl", "fl", "centralized"] = Field(
+        "sfl", description="`sfl`: split federated; `fl`: federated LoRA, the whole model on every device (only the "
+        "adapters travel, FedAvg every round: the baseline SFL is compared with); `centralized`: one PEFT LoRA "
+        "model, no split, no federation.")
     num_clients: int = Field(3, ge=1, description="Number of simulated clients.")
     aggregate_every: Literal["epoch"] | int = Field(
         "epoch", description="`epoch`, or a number of round-robin steps between FedAvg aggregations."
@@ -362,6 +363,22 @@ def _format_error(err: ValidationError) -> str:
     return f"{key}: {first['msg'].removeprefix('Value error, ')} (got {got!r})"
 
 
+# Keys that describe a split (where the model is cut, what crosses the cut, how the server serves the steps):
+# federated LoRA (`federation.mode=fl`) has no cut, so one of them set away from its default is a mistake.
+SPLIT_ONLY = ("split.", "model.lora.cut_rank", "compression.codec", "compression.grad_codec", "compression.prefix",
+              "compression.temporal.", "federation.server_adapters", "federation.schedule")
+
+
+def check_mode(cfg: Config) -> Config:
+    """``federation.mode=fl`` with a split-only key changed: UserError naming the key."""
+    if cfg.federation.mode == "fl":
+        bad = [k for k in config_diff(cfg, Config()) if k.startswith(SPLIT_ONLY)]
+        if bad:
+            raise UserError(f"only applies to split learning; federation.mode=fl trains the whole model on every "
+                            f"device and sends adapters alone (leave {bad[0]} at its default)", where=bad[0])
+    return cfg
+
+
 def build_config(tree: dict | None = None, overrides: list[str] | None = None) -> Config:
     """Validate a raw mapping plus overrides; raise UserError naming the first bad key."""
     tree = dict(tree or {})
@@ -369,9 +386,10 @@ def build_config(tree: dict | None = None, overrides: list[str] | None = None) -
         key, value = parse_override(item)
         _set_dotted(tree, key, value)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise UserError(_format_error(err)) from None
+    return check_mode(cfg)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

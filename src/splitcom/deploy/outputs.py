@@ -82,6 +82,7 @@ def summary(self, t0: float) -> dict:
         "client_cache_bytes": sum(st.cache_bytes for st in self.stats.values()),
         "server_cache_bytes": self.server.cache_bytes,
         "server_state_bytes": self.server.state_bytes()["total"], "server_state": self.server.state_bytes(),
+        "client_memory_estimate_bytes": self.fleet.memory_estimates(),
         "cuts": [self.server.cuts[c] for c in sorted(self.server.cuts)], "cuts_by_round": self.fleet.history,
         **({"ddpg_agent": agent} if agent else {}),
         # deployment only

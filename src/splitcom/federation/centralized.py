@@ -28,11 +28,17 @@ class CentralizedTrainer:
         return [collate(order[i : i + self.batch_size], self.pad_id) for i in range(0, len(order), self.batch_size)]
 
     def train_step(self, batch: Batch) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(input_ids=batch.input_ids.to(self.device),  # no KV cache: training, not decoding
-                         attention_mask=batch.attention_mask.to(self.device), use_cache=False)
-        loss = causal_lm_loss(out.logits, batch.labels)
-        loss.backward()
-        self.optimizer.step()
         self.tokens_forwarded += batch.num_tokens
-        return float(loss.item())
+        return local_step(self.model, self.optimizer, batch, self.device)
+
+
+def local_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, device: torch.device) -> float:
+    """One LoRA step of the whole model on one batch, with whichever adapter is active: the centralized
+    baseline's step, and a federated-LoRA client's (federation/fl.py), so the two are the same code."""
+    optimizer.zero_grad(set_to_none=True)
+    out = model(input_ids=batch.input_ids.to(device),  # no KV cache: training, not decoding
+                attention_mask=batch.attention_mask.to(device), use_cache=False)
+    loss = causal_lm_loss(out.logits, batch.labels)  # [B, T, V] vs [B, T]
+    loss.backward()
+    optimizer.step()
+    return float(loss.item())

@@ -100,7 +100,14 @@ class SplitServer:
     def _optimizer(self, cid: int) -> None:
         name = self.body_adapter(cid)
         params = self.views[cid][1].parameters(name, self.server_layers(None if self.mode == "shared" else cid))
-        self.optimizers[name] = adapter_optimizer(params, self.lr, self.weight_decay)
+        if params:  # (a federated-LoRA client's cut is past the last block: the server trains nothing for it)
+            self.optimizers[name] = adapter_optimizer(params, self.lr, self.weight_decay)
+        else:
+            self.optimizers.pop(name, None)
+
+    def local(self, cid: int) -> bool:
+        """Whether client ``cid`` trains the whole model itself (federation.mode=fl): no step traffic."""
+        return self.cuts[cid] >= self.end
 
     def _cap(self, cid: int) -> None:
         if self.cut_rank is not None:
@@ -146,6 +153,9 @@ class SplitServer:
         return None if reply is None else serde.encode(reply)
 
     def handle(self, msg: Message) -> Message | None:
+        if isinstance(msg, TensorMsg | LabelsMsg) and self.local(msg.client_id):
+            raise ProtocolError(f"client {msg.client_id} trains the whole model (federation.mode=fl): the server "
+                                "takes adapters only", field="stream")
         if isinstance(msg, TensorMsg):
             if msg.stream == Stream.act_up:
                 return self.forward_step(msg) if self.ushape else self.train_step(msg)
@@ -350,7 +360,7 @@ class SplitServer:
             banks = self.banks()
             return {"cuts": dict(self.cuts), "global": self.global_state, "round": self.round,
                     "adapters": {n: b.state(n, copy=False) for n, b in banks.items()},
-                    "optimizers": {n: self.optimizers[n].state_dict() for n in banks},
+                    "optimizers": {n: self.optimizers[n].state_dict() for n in banks if n in self.optimizers},
                     "labels": self.labels, "ends": {cid: end_counts(self.out[cid]) for cid in self.cuts},
                     "held": self.held.state_dict(),
                     **({"caches": {cid: cache_state(self.out[cid], self.inc[cid]) for cid in self.cuts}}
@@ -365,7 +375,8 @@ class SplitServer:
         banks = self.banks()
         for name, state in st["adapters"].items():
             banks[name].load(name, state)
-            self.optimizers[name].load_state_dict(st["optimizers"][name])
+            if name in self.optimizers:
+                self.optimizers[name].load_state_dict(st["optimizers"][name])
         self.round = st["round"]
         self.labels.update({int(k): dict(v) for k, v in st.get("labels", {}).items()})
         for cid, counts in st.get("ends", {}).items():

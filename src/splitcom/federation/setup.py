@@ -16,6 +16,7 @@ from splitcom.data.records import Example
 from splitcom.data.tokenize import Sample, tokenize
 from splitcom.errors import UserError
 from splitcom.federation.client import SplitClient
+from splitcom.federation.fl import FLClient
 from splitcom.federation.server import SplitServer
 from splitcom.models.adapters import AdapterBank, attach_lora
 from splitcom.models.load import load_model, resolve_device
@@ -82,14 +83,15 @@ def prepare(cfg: Config) -> Setup:
     train = tokenize(train_ex, tok, cfg.data.max_length)
     val = tokenize(val_ex, tok, cfg.data.max_length)
     n = cfg.federation.num_clients
-    if cfg.federation.mode == "sfl" and n > len(train):  # a client without data can neither train nor be weighed
+    federated = cfg.federation.mode != "centralized"
+    if federated and n > len(train):  # a client without data can neither train nor be weighed
         raise UserError(f"{n} clients but {len(train)} training samples (data.max_train_samples = "
                         f"{cfg.data.max_train_samples}): every client needs at least one; lower "
                         "federation.num_clients or raise data.max_train_samples",
                         where="federation.num_clients, data.max_train_samples")
     p = cfg.data.partition
     parts = partition(train_ex, train, cfg.federation.num_clients, p.scheme, p.alpha, cfg.train.seed, p.by,
-                      p.bins, p.min_size) if cfg.federation.mode == "sfl" else [list(range(len(train)))]
+                      p.bins, p.min_size) if federated else [list(range(len(train)))]
     return Setup(cfg, SplitModel(peft_model), AdapterBank(peft_model), tok, train_ex, val_ex, train, val, parts,
                  device)
 
@@ -105,9 +107,11 @@ def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
 
 
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
-    """Client ``cid`` of a run, as simulation and deployment both build it."""
+    """Client ``cid`` of a run, as simulation and deployment both build it (federated LoRA: an FLClient,
+    whose ``cut`` is the number of blocks)."""
     cfg, t = s.cfg, s.cfg.train
-    return SplitClient(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
+    kind = FLClient if cfg.federation.mode == "fl" else SplitClient
+    return kind(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
                        stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
                        pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
                        cut_rank=cfg.model.lora.cut_rank)

@@ -42,7 +42,8 @@ def _progress(enabled: bool) -> Progress:
 def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
               cuts: dict[int, int] | None = None) -> tuple[SplitServer, list[SplitClient]]:
     cfg = s.cfg
-    cuts = cuts or {cid: cfg.split.cut_layer for cid in range(cfg.federation.num_clients)}
+    first = s.split.num_layers if cfg.federation.mode == "fl" else cfg.split.cut_layer  # fl: every block
+    cuts = cuts or {cid: first for cid in range(cfg.federation.num_clients)}
     server = make_server(s, cuts, cache_dir, weights={cid: float(len(s.partitions[cid])) for cid in cuts})
     clients = [make_client(s, cid, cuts[cid], InProcessChannel(cid, server, counter)) for cid in cuts]
     return server, clients
@@ -84,8 +85,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                  tensorboard=out / "tensorboard" if cfg.logging.tensorboard else None)
     counter = ByteCounter()
     sfl = cfg.federation.mode == "sfl"
-    if sfl:
-        fleet = Fleet(s)  # devices, per-client cuts, simulated clock
+    federated = sfl or cfg.federation.mode == "fl"  # fl: SFL's clients with the whole model, adapters alone travel
+    if federated:
+        fleet = Fleet(s)  # devices, per-client cuts (fl: every block), simulated clock
         server, workers = build_sfl(s, counter, str(out / "cache") if cfg.compression.temporal.store == "disk"
                                     else None, dict(enumerate(fleet.cuts)))
         for c in workers:
@@ -94,7 +96,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
         if ckpt is not None and temporal.enabled and temporal.controller == "ddpg":  # warm start
             temporal = temporal.model_copy(update={"ddpg": temporal.ddpg.model_copy(
                 update={"load": str(out / DDPG_CHECKPOINT)})})
-        reuse = ReuseControl(temporal, workers, s.split.hidden_size, cfg.train.epochs, cfg.train.seed, server)
+        reuse = ReuseControl(temporal, workers, s.split.hidden_size, cfg.train.epochs, cfg.train.seed, server) \
+            if sfl else None
     else:
         workers = [CentralizedTrainer(s.split.model, s.bank, s.train, lr=cfg.train.lr,
                                       weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size,
@@ -104,7 +107,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
         """Val loss of the global adapter; the epoch's `eval` event waits for its checkpoint (RunLog.defer)."""
         loss, ppl = evaluate_loss(s.split, s.bank, s.val, cfg.train.eval_batch_size, s.pad_id, s.device)
         log.defer("eval", epoch=epoch, val_loss=loss, val_ppl=ppl, **counter.snapshot(),
-                  wall_s=time.perf_counter() - t0, simulated_s=fleet.clock.now if sfl else None)
+                  wall_s=time.perf_counter() - t0, simulated_s=fleet.clock.now if federated else None)
         return loss, ppl
 
     rounds = 0
@@ -112,7 +115,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
 
     def aggregate(epoch: int) -> None:
         nonlocal rounds
-        if sfl:
+        if federated:
             for c in workers:
                 c.push_adapters(rounds)
             server.aggregate()
@@ -125,21 +128,22 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             for c in workers:  # a moved client takes its new cut from the download, which covers the new blocks
                 c.pull_adapters(rounds)
             traffic = {c.cid: c.channel.take_bytes() for c in workers}
-            fleet.clock.aggregation({k: v[0] for k, v in traffic.items()}, {k: v[1] for k, v in traffic.items()})
+            fleet.aggregation({k: v[0] for k, v in traffic.items()}, {k: v[1] for k, v in traffic.items()})
             round_losses.clear()
         rounds += 1
         log.write("round", round=rounds, epoch=epoch, **counter.snapshot(),
-                  **({"cuts": list(fleet.cuts), "simulated_s": fleet.clock.now} if sfl else {}))
+                  **({"cuts": list(fleet.cuts), "simulated_s": fleet.clock.now} if federated else {}))
 
     def checkpoint(epoch: int) -> None:
         state = {"version": 1, "epoch": epoch, "rounds": rounds, "global_step": global_step,
                  "init_loss": init_loss, "val_losses": val_losses, "train_losses": train_losses,
                  "wall_s": time.perf_counter() - t0, "metrics_bytes": log.size, "pending": log.pending,
                  "counter": counter.state_dict(), "rng": torch.get_rng_state()}
-        if sfl:
+        if federated:
             state.update(server=server.state_dict(caches=True), clients=[c.state_dict(caches=True) for c in workers],
-                         reuse=reuse.state_dict(), simulated_by_epoch=simulated_by_epoch,
-                         fleet=fleet.state_dict())
+                         simulated_by_epoch=simulated_by_epoch, fleet=fleet.state_dict())
+        if sfl:
+            state.update(reuse=reuse.state_dict())
             reuse.save_agent(out / DDPG_CHECKPOINT)
         else:
             state.update(central={"adapter": s.bank.state(GLOBAL), "optimizer": workers[0].optimizer.state_dict(),
@@ -164,12 +168,13 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
         init_loss, val_losses, train_losses = ckpt["init_loss"], ckpt["val_losses"], ckpt["train_losses"]
         counter.load_state_dict(ckpt["counter"])
         torch.set_rng_state(ckpt["rng"])
-        if sfl:
+        if federated:
             server.load_state_dict(ckpt["server"], where=str(out / CHECKPOINT))
             for c, st in zip(workers, ckpt["clients"], strict=True):
                 c.load_state_dict(st, where=str(out / CHECKPOINT))
                 c.channel.take_bytes()  # the join above is not part of the interrupted run's clock
-            reuse.load_state_dict(ckpt["reuse"])
+            if sfl:
+                reuse.load_state_dict(ckpt["reuse"])
             simulated_by_epoch = ckpt["simulated_by_epoch"]
             fleet.load_state_dict(ckpt["fleet"])
         else:
@@ -191,11 +196,11 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                 for w, plan in zip(workers, batches, strict=True):
                     if step >= len(plan):
                         continue  # this client has fewer samples; it waits for the round
-                    loss = w.train_step(plan[step], global_step) if sfl else w.train_step(plan[step])
+                    loss = w.train_step(plan[step], global_step) if federated else w.train_step(plan[step])
                     losses.append(loss)
                     cid = getattr(w, "cid", 0)
                     round_losses.setdefault(cid, []).append(loss)
-                    if sfl:
+                    if federated:
                         jobs.append(fleet.job(cid, plan[step], *w.channel.take_bytes()))
                     bar.update(task, advance=1, description=f"epoch {epoch}/{cfg.train.epochs} client {cid} "
                                f"step {step + 1}/{len(plan)} loss {loss:.3f} up {counter.up / 1e6:.2f} MB "
@@ -203,8 +208,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                     if global_step % cfg.logging.log_every == 0:
                         log.write("step", epoch=epoch, step=step, client=cid, loss=loss,
                                   bytes_up=counter.up, bytes_down=counter.down)
-                if sfl:
-                    fleet.clock.step(jobs)  # clients in parallel, the server one request at a time
+                if federated:
+                    fleet.step(jobs)  # clients in parallel, the server one request at a time (fl: no server)
                 global_step += 1
                 since_round += 1
                 if isinstance(every, int) and since_round >= every:
@@ -214,8 +219,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                 aggregate(epoch)
             bar.update(task, description=f"epoch {epoch}/{cfg.train.epochs}: evaluating on {len(s.val)} dev samples")
             val_loss, val_ppl = validate(epoch)
-            if sfl:
+            if federated:
                 simulated_by_epoch.append(fleet.clock.now - sum(simulated_by_epoch))
+            if sfl:
                 log.defer("reuse", **reuse.end_epoch(epoch, val_loss, counter.by_stream()))
             val_losses.append(val_loss)
             train_losses.append(sum(losses) / len(losses))
@@ -240,23 +246,26 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             "transfers_by_stream": reuse.transfers(),
             "threshold_by_epoch": [r["threshold"] if cfg.compression.temporal.enabled else None
                                    for r in reuse.by_epoch],
+            **({"ddpg_agent": agent} if agent else {}),
+        }
+    if federated:
+        temporal.update({
             "client_cache_bytes": sum(c.cache_bytes for c in workers),
             "server_cache_bytes": server.cache_bytes,
             "server_state_bytes": server.state_bytes()["total"],
             "server_state": server.state_bytes(),
+            "client_memory_estimate_bytes": fleet.memory_estimates(),
             "simulated_s": fleet.clock.now,
             "simulated_s_by_epoch": simulated_by_epoch,
             "makespan_per_step_s": sum(fleet.clock.step_makespans) / max(len(fleet.clock.step_makespans), 1),
-            "schedule": cfg.federation.schedule,
             "devices": [d.name for d in fleet.clock.devices],
-            "cuts": list(fleet.cuts),
-            "cuts_by_round": fleet.history,
-            **({"ddpg_agent": agent} if agent else {}),
-        }
+            **({"schedule": cfg.federation.schedule, "cuts": list(fleet.cuts), "cuts_by_round": fleet.history}
+               if sfl else {}),
+        })
     summary = {
         "model": cfg.model.name,
         "mode": cfg.federation.mode,
-        "num_clients": cfg.federation.num_clients if sfl else 1,
+        "num_clients": cfg.federation.num_clients if federated else 1,
         "epochs": cfg.train.epochs,
         "rounds": rounds,
         "split_mode": cfg.split.mode if sfl else None,

@@ -4,7 +4,8 @@ Per round-robin step, every client's job is (arrival = head forward + upload, se
 forward + backward, tail = download + client backward), with FLOPs from the time model and the bytes
 each client *actually* sent and received in that step; the server serves one job at a time in the
 order of ``federation.schedule`` and the step's makespan advances the clock. Aggregation adds the
-slowest client's adapter upload and download. U-shape is modelled with the client's tail blocks,
+slowest client's adapter upload and download. Federated LoRA (no server in the steps) advances the clock
+once a round: the slowest device's local training plus its adapter upload, then the downloads. U-shape is modelled with the client's tail blocks,
 norm and LM head in its backward phase, and both server halves as one service.
 """
 
@@ -63,6 +64,22 @@ class SimClock:
         return Job(cid, arrival=compute_time(cf, dev) + transfer_time(up, dev.uplink_bps, dev.latency_s),
                    service=compute_time(sf + sb, self.server),
                    tail=transfer_time(down, dev.downlink_bps, dev.latency_s) + compute_time(cb + tf + tb, dev))
+
+    def local_step(self, cid: int, tokens: int, seq_len: int) -> float:
+        """Federated LoRA: seconds of one step of the whole model (every block + LM head, forward and backward)
+        on client ``cid``'s device."""
+        f, b = self._flops(self.arch.n_layers, tokens, seq_len, head=True)
+        return compute_time(f + b, self.devices[cid])
+
+    def local_round(self, train: dict[int, float], up: dict[int, int], down: dict[int, int]) -> float:
+        """Federated LoRA: every client trains its round on its own device (``train``: its seconds) and uploads
+        when done; the server waits for the last upload, averages, and all download in parallel."""
+        t_up = max((train.get(c, 0.0) + transfer_time(n, self.devices[c].uplink_bps, self.devices[c].latency_s)
+                    for c, n in up.items()), default=0.0)
+        t_down = max((transfer_time(n, self.devices[c].downlink_bps, self.devices[c].latency_s)
+                      for c, n in down.items()), default=0.0)
+        self.now += t_up + t_down
+        return t_up + t_down
 
     def step(self, jobs: list[Job]) -> float:
         if not jobs:

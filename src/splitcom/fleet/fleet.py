@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import math
 
+from splitcom.errors import UserError
 from splitcom.federation.setup import Setup, tail_layers
 from splitcom.fleet.clock import SimClock
-from splitcom.fleet.cuts import adaptive_cuts, memory_fit
+from splitcom.fleet.cuts import WHERE, _gib, adaptive_cuts, memory_fit
+from splitcom.fleet.schedule import Job
+from splitcom.fleet.timemodel import client_memory_bytes, full_model_memory_bytes
 
 
 class Fleet:
@@ -21,6 +24,14 @@ class Fleet:
         self.max_cut = s.split.num_layers - 1 - self.tail  # the server keeps at least one block
         batch_tokens = cfg.train.batch_size * cfg.data.max_length
         policy = cfg.split.cut_policy
+        self.local = cfg.federation.mode == "fl"  # federated LoRA: every device trains the whole model
+        self.local_s: dict[int, float] = {}  # FL: each client's training seconds in the round so far
+        if self.local:
+            self.cuts = [s.split.num_layers] * self.n  # a "cut" past the last block: the client runs everything
+            self.limits = list(self.cuts)
+            self.history = [list(self.cuts)]
+            self._check_full_model(s, batch_tokens)
+            return
         # Deepest cut each device can hold (memory_fit raises, naming the device, if not even one block fits).
         self.limits = [min(self.max_cut, memory_fit(self.clock.arch, d, batch_tokens, cfg.model.lora.rank,
                                                     self.targets)) for d in self.clock.devices] \
@@ -31,8 +42,39 @@ class Fleet:
             self.cuts = [min(cfg.split.cut_layer, lim) for lim in self.limits]
         self.history: list[list[int]] = [list(self.cuts)]
 
-    def job(self, cid: int, batch, up: int, down: int):
+    def _check_full_model(self, s: Setup, batch_tokens: int) -> None:
+        """Federated LoRA: every device must hold the whole model and its LoRA training state."""
+        self.full_model_bytes = need = full_model_memory_bytes(self.clock.arch, batch_tokens, self.cfg.model.lora.rank, self.targets,
+                                       tied_head=bool(getattr(s.split.lm.config, "tie_word_embeddings", False)))
+        for cid, d in enumerate(self.clock.devices):
+            if need > d.memory_bytes:
+                raise UserError(f"client {cid}'s device {d.name!r} has {_gib(d.memory_bytes)} for training but the "
+                                f"whole model with its LoRA training state ({batch_tokens} tokens/batch) needs "
+                                f"{_gib(need)}: federation.mode=fl holds every block on every device", where=WHERE)
+
+    def job(self, cid: int, batch, up: int, down: int) -> Job:
+        """One client's step as a job (FL: its local seconds, as the job's tail: no server takes part)."""
+        if self.local:
+            return Job(cid, 0.0, 0.0, self.clock.local_step(cid, batch.num_tokens, batch.input_ids.shape[1]))
         return self.clock.job(cid, self.cuts[cid], self.tail, batch.num_tokens, batch.input_ids.shape[1], up, down)
+
+    def step(self, jobs: list[Job]) -> None:
+        """One round-robin step: SFL's jobs go through the server's schedule; FL's run on their devices alone
+        and count at the round's end (``aggregation``)."""
+        if not self.local:
+            self.clock.step(jobs)
+        elif jobs:
+            for j in jobs:
+                self.local_s[j.cid] = self.local_s.get(j.cid, 0.0) + j.tail
+            self.clock.step_makespans.append(max(j.tail for j in jobs))
+
+    def aggregation(self, up: dict[int, int], down: dict[int, int]) -> None:
+        """The round's adapter exchange (``up``/``down``: each client's bytes since its last step)."""
+        if self.local:
+            self.clock.local_round(self.local_s, up, down)
+            self.local_s = {}
+        else:
+            self.clock.aggregation(up, down)
 
     def predicted_step(self, cid: int, cut: int) -> float:
         """Uncontended seconds of one step at ``cut`` (a typical batch, fp32 on the wire)."""
@@ -41,13 +83,23 @@ class Fleet:
         j = self.clock.job(cid, cut, self.tail, tokens, seq, nbytes, nbytes)
         return j.arrival + j.service + j.tail
 
+    def memory_estimates(self) -> list[int]:
+        """Each client's device memory by the time model: the whole model's LoRA training (FL), or its head
+        blocks (and U-shape tail) at its current cut (SFL)."""
+        if self.local:
+            return [int(self.full_model_bytes)] * self.n
+        batch_tokens = self.cfg.train.batch_size * self.cfg.data.max_length
+        return [int(client_memory_bytes(self.clock.arch, cut + self.tail, batch_tokens, self.cfg.model.lora.rank,
+                                        self.targets)) for cut in self.cuts]
+
     def state_dict(self) -> dict:
         return {"cuts": list(self.cuts), "history": self.history, "now": self.clock.now,
-                "makespans": self.clock.step_makespans}
+                "makespans": self.clock.step_makespans, "local_s": dict(self.local_s)}
 
     def load_state_dict(self, st: dict) -> None:
         self.cuts, self.history = list(st["cuts"]), [list(h) for h in st["history"]]
         self.clock.now, self.clock.step_makespans = st["now"], list(st["makespans"])
+        self.local_s = {int(k): v for k, v in st.get("local_s", {}).items()}
 
     def adapt(self, scores: list[float]) -> list[int]:
         """SplitFT rule on per-client scores (the client's mean training loss this round; lower is better)."""

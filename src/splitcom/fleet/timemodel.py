@@ -282,3 +282,15 @@ def client_memory_bytes(arch: ArchSpec, k: int, batch_tokens: int, lora_rank: in
     acts = (k * saved_activation_elems(arch, seq_len) + 2 * arch.hidden) * batch_tokens * act_bytes
     lora = k * lora_params_per_layer(arch, lora_rank, lora_targets) * lora_state_bytes
     return float(weights + acts + lora)
+
+
+def full_model_memory_bytes(arch: ArchSpec, batch_tokens: int, lora_rank: int = 0,
+                            lora_targets: Sequence[str] | None = None, seq_len: int | None = None,
+                            weight_bytes: float = 4.0, act_bytes: float = 4.0, tied_head: bool = True) -> float:
+    """Peak bytes of LoRA training on the whole model (federated LoRA's device): ``client_memory_bytes`` of a
+    cut past the last block (every block's weights, saved activations and LoRA state), plus the LM head's
+    weights unless tied to the embedding, and the logits with their gradient (``2 x vocab`` per token)."""
+    head = 0.0 if tied_head else arch.vocab * arch.hidden * weight_bytes
+    logits = 2.0 * arch.vocab * batch_tokens * act_bytes
+    return client_memory_bytes(arch, arch.n_layers, batch_tokens, lora_rank, lora_targets, seq_len, weight_bytes,
+                               act_bytes) + head + logits
