@@ -128,6 +128,9 @@ VOLATILE = {"wall_s", "peak_rss_bytes"}
     ({"compression.temporal.enabled": True, "compression.temporal.threshold": 0.3, "compression.temporal.refresh":
       "delta", "compression.prefix": True, "compression.codec": "int8", "compression.adapter_refresh": "delta",
       "compression.entropy": "zstd"}, True),
+    ({"federation.mode": "fl"}, True),  # federated LoRA: the clients' full-model optimizer state, adapter mirrors
+    ({"federation.mode": "fl", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
+      "compression.entropy": "zstd", "federation.aggregate_every": 1}, True),
     ({"split.mode": "ushape", "split.tail_layers": 1, "compression.temporal.enabled": True,
       "compression.temporal.threshold": 0.3, "compression.temporal.refresh": "delta",
       "compression.temporal.store": "disk", "compression.temporal.streams": ["act_up", "act_down", "grad_up",
