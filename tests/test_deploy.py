@@ -275,6 +275,9 @@ def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
       "compression.temporal.streams": ["act_up", "act_down", "grad_up", "grad_down"],
       "model.lora.cut_rank": 2, "compression.adapter_codec": "int8"}, "ushape"),
     ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2, "compression.adapter_refresh": "delta"}, "adaptive"),
+    ({"federation.mode": "fl"}, "fl"),
+    ({"federation.mode": "fl", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
+      "compression.entropy": "zstd", "federation.aggregate_every": "epoch"}, "fl"),
     ({"compression.temporal.enabled": True, "train.epochs": 3, "compression.temporal.refresh": "delta",
       "compression.temporal.threshold": {"act_up": 0.999}, "compression.prefix": True, "compression.entropy": "zstd",
       "compression.codec": "int8", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8"},
@@ -286,7 +289,8 @@ def test_in_process_deployment(tmp_path, over, exact):
     simulation exactly; so does U-shape with reuse on all four streams, int8 and a cut rank (two
     exchanges per step, the client keeps its turn between), and adaptive cuts that move between rounds;
     a dynamic schedule trains too (its order depends on timing); so does residual refresh with shared
-    prompt prefixes and zstd."""
+    prompt prefixes and zstd. Federated LoRA (fl) deploys too: each client trains the whole model between
+    its uploads, the server sends no activations, and the run ends as `splitcom run` ends."""
     tree = _setup(tmp_path)
     for key, value in over.items():
         node = tree
@@ -309,6 +313,12 @@ def test_in_process_deployment(tmp_path, over, exact):
     if exact == "delta":  # residual refresh, shared prompt prefixes and zstd on every stream
         assert sim["transfers_by_stream"]["act_up"]["delta"] > 0
         assert sim["transfers_by_stream"]["act_up"]["prefix_rows_shared"] > 0
+    if exact == "fl":  # federated LoRA: the clients train alone, adapters alone travel; same log and summary
+        assert set(dep["bytes_by_stream"]) == {"adapters_up", "adapters_down", "control"}
+        assert _events(tmp_path / "deploy" / "metrics.jsonl") == _events(tmp_path / "sim" / "metrics.jsonl")
+        for key in ("train_loss_by_epoch", "val_loss_by_epoch", "train_tokens", "rounds", "client_memory_estimate_bytes"):
+            assert dep[key] == sim[key], key
+        assert set(sim) - set(dep) == {"simulated_s", "simulated_s_by_epoch", "makespan_per_step_s", "devices"}
     if exact == "adaptive":  # the server moves cuts by the same rule; clients follow from their downloads
         assert dep["cuts_by_round"] == sim["cuts_by_round"]
         assert len({tuple(c) for c in sim["cuts_by_round"]}) > 1

@@ -251,7 +251,8 @@ class ClientDriver:
             self.channel.step_finished()
             self.steps += 1
         now = self._counters()
-        self.channel.stats = lambda: upload_stats(now, self.last_pushed, int(sc.cache_bytes))
+        local = {"losses": losses} if self.cfg.federation.mode == "fl" else {}  # (the server saw no step)
+        self.channel.stats = lambda: {**upload_stats(now, self.last_pushed, int(sc.cache_bytes)), **local}
         sc.push_adapters(r)
         self.pushed, self.last_pushed = True, now
         if self.opts.state_dir is not None:  # the end of round r is the start of r + 1, if we die before it

@@ -55,6 +55,7 @@ class RoundState:
     losses: dict[int, list[float]] = field(default_factory=dict)  # per client: this round's step losses
     started: float = field(default_factory=time.monotonic)
     aggregated: bool = False
+    bytes_at_start: tuple[int, int] = (0, 0)  # the serde counters (up, down) when the round began
 
     @property
     def active(self) -> set[int]:
@@ -123,7 +124,10 @@ class Coordination:
         with self.cond:
             if cid in self.members:
                 self.members[cid].last_seen = time.monotonic()
-            r = self.current.spec.index if self.current is not None else self.next_round - 1
+            rnd = self.current
+            if self.local and rnd is not None and round_ == rnd.spec.index and cid in rnd.active:
+                rnd.last_served[cid] = time.monotonic()  # fl: a client training its round alone is alive
+            r = rnd.spec.index if rnd is not None else self.next_round - 1
             return {"session": self.session, "round": r, "phase": self.phase}
 
     def stream_opened(self, cid: int) -> object:
@@ -209,6 +213,8 @@ class Coordination:
     def push(self, call: Call) -> None:
         cid, r = call.cid, call.header.step
         with self.cond:
+            while self._before(cid, r) and call.is_active():  # fl: a client may finish its local training
+                self.cond.wait(0.5)  # before the server has begun the round (it waits for no step of it)
             rnd = self.current
             if rnd is None or rnd.spec.index != r or cid not in rnd.active or cid in rnd.pushed:
                 raise Rejected(DROPPED, f"no upload expected from client {cid} for round {r}", "round")
@@ -243,6 +249,12 @@ class Coordination:
 
 
     # ---- helpers (callers hold self.cond where state is shared) ----------------------------------
+    def _before(self, cid: int, r: int) -> bool:
+        """Round ``r`` is the next one, not begun yet, and ``cid`` is a live member who takes part in it."""
+        m = self.members.get(cid)
+        return (not self.failed and self.phase != "finished" and self.next_round == r and r < len(self.plan)
+                and m is not None and m.alive and m.start <= r)
+
     def _wait_served(self, call: Call) -> None:
         """Block this gRPC thread until the rounds loop has answered ``call`` (or the run failed)."""
         while not call.done.wait(1.0):

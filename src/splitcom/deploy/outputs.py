@@ -63,7 +63,7 @@ def summary(self, t0: float) -> dict:
     cfg, s, serde_c, wire = self.cfg, self.s, self.counters.serde, self.counters.wire
     temporal_on = cfg.compression.temporal.enabled
     agent = self.reuse.save(self.out)
-    return {
+    out = {
         "model": cfg.model.name, "mode": cfg.federation.mode, "num_clients": cfg.federation.num_clients,
         "epochs": cfg.train.epochs, "rounds": len(self.plan), "split_mode": cfg.split.mode,
         "cut_layer": cfg.split.cut_layer, "tail_layers": tail_layers(cfg),
@@ -93,4 +93,13 @@ def summary(self, t0: float) -> dict:
         "rejected_bytes": dict(sorted(self.counters.rejected.items())),
         "dropped": self.drops, "resumed_at_rounds": self.resumed_at,
     }
+    if cfg.federation.mode == "fl":  # no split: simulation's fl summary has none of these either
+        for key in (*SPLIT_KEYS, "schedule"):
+            out.pop(key)
+        out.update(split_mode=None, cut_layer=None, tail_layers=None)
+    return out
+
+
+SPLIT_KEYS = ("reuse_ratio", "reuse_ratio_by_epoch", "reuse_ratio_by_stream", "transfers_by_stream",
+              "threshold_by_epoch", "cuts", "cuts_by_round")
 

@@ -81,8 +81,9 @@ def forget_summaries(ends) -> None:
 
 
 def check_deployable(cfg: Config) -> None:
-    if cfg.federation.mode != "sfl":
-        raise UserError("deployment runs split federated training only (`sfl`)", where="federation.mode")
+    if cfg.federation.mode == "centralized":
+        raise UserError("deployment runs federated training (`sfl` or `fl`), not the centralized baseline",
+                        where="federation.mode")
     if cfg.federation.min_clients > cfg.federation.num_clients:
         raise UserError(f"must be <= federation.num_clients ({cfg.federation.num_clients})",
                         where="federation.min_clients")

@@ -63,6 +63,7 @@ class ServerDriver(Coordination):
                                   cfg.train.epochs, cfg.train.seed, self.server)
         self.max_message_bytes = self._message_limit()
         self.step_streams = frozenset({Stream.act_up} | ({Stream.grad_up} if self.server.ushape else set()))
+        self.local = cfg.federation.mode == "fl"  # federated LoRA: clients train alone, no step traffic
         self.cond = threading.Condition()
         self.members: dict[int, Member] = {}
         self.current: RoundState | None = None
@@ -121,7 +122,8 @@ class ServerDriver(Coordination):
             if spec.first_step == 0:
                 self.reuse.begin_epoch(self.counters.serde.by_stream())
                 self.losses = []
-            self._train(rnd)
+            if not self.local:  # (fl: the clients train the round on their own; their uploads end it)
+                self._train(rnd)
             self._collect_uploads(rnd)
             self._finish(rnd, t0)
         with self.cond:
@@ -169,6 +171,7 @@ class ServerDriver(Coordination):
                                                                                         self.batches[cid])))
                          for cid in parts}
             self.current = rnd = RoundState(spec, parts, remaining)
+            rnd.bytes_at_start = (self.counters.serde.up, self.counters.serde.down)
             self.next_round, self.phase = spec.index + 1, "training"
             self.cond.notify_all()
         log.info("round %d (epoch %d, steps %d-%d): clients %s", spec.index, spec.epoch, spec.first_step,
@@ -287,12 +290,16 @@ class ServerDriver(Coordination):
                     with self.cond:
                         rnd.pushed.add(cid)
                         self.stats[cid].add(call.request.stats)
+                        if self.local:
+                            rnd.losses[cid] = list(call.request.stats.losses)
                     break
         with self.cond:
             if len(rnd.pushed) < self.cfg.federation.min_clients:
                 raise DeployError(f"round {rnd.spec.index}: {len(rnd.pushed)} clients finished, fewer than "
                                   f"federation.min_clients = {self.cfg.federation.min_clients}")
             rnd.aggregated = True
+        if self.local:
+            self._log_local_steps(rnd)
         self.server.aggregate()
         # adaptive cuts move between rounds, by simulation's rule on the same per-client training losses;
         # a moved client learns its new cut from its download (AdapterMsg.cut), which covers the new blocks
@@ -303,6 +310,18 @@ class ServerDriver(Coordination):
             if cut != old[cid]:
                 self.server.set_cut(cid, cut)
                 log.info("round %d: client %d's cut moves %d -> %d", rnd.spec.index, cid, old[cid], cut)
+
+    def _log_local_steps(self, rnd: RoundState) -> None:
+        """Federated LoRA: the steps' losses the clients reported with their uploads, logged as simulation logs
+        its round-robin steps (step by step, clients in order; the byte counters as they stood during them)."""
+        spec, by = rnd.spec, rnd.losses
+        for i, step in enumerate(range(spec.first_step, spec.end_step)):
+            for cid in sorted(by):
+                if i < len(by[cid]):
+                    self.losses.append(by[cid][i])
+                    if spec.global_step(step) % self.cfg.logging.log_every == 0:
+                        self.log.write("step", epoch=spec.epoch, step=step, client=cid, loss=by[cid][i],
+                                       bytes_up=rnd.bytes_at_start[0], bytes_down=rnd.bytes_at_start[1])
 
     def _finish(self, rnd: RoundState, t0: float) -> None:
         spec = rnd.spec
@@ -325,7 +344,8 @@ class ServerDriver(Coordination):
         if spec.ends_epoch:
             self.log.defer("eval", epoch=spec.epoch, val_loss=val_loss, val_ppl=val_ppl, **self.counters.serde.snapshot(),
                            wall_s=self.wall_before + time.perf_counter() - t0)
-            self.log.defer("reuse", **reuse_record)
+            if not self.local:  # (simulation keeps no reuse record for fl either)
+                self.log.defer("reuse", **reuse_record)
             log.info("epoch %d: val loss %.4f (ppl %.2f)", spec.epoch, val_loss, val_ppl)
             self.val_losses.append(val_loss)
             self.train_losses.append(sum(self.losses) / len(self.losses) if self.losses else float("nan"))
