@@ -1,5 +1,6 @@
 """Communication benchmark on real E2E data: bytes against validation perplexity for every compression
-setting, each row a full simulated SFL run with the same model, data, partition and seed.
+setting, each row a full simulated SFL run with the same model, data, partition and seed (and federated
+LoRA rows, `fl`, the alternative to a split).
 
     .venv/bin/python bench/comm.py [--samples 80] [--epochs 6] [--clients 10] [--rows baseline int8 ...]
                                    [--score N [--beams 4]]
@@ -146,7 +147,21 @@ ROWS: dict[str, list[str]] = {
     "ushape+temporal+int4": ["split.mode=ushape", "split.tail_layers=2", f"{T}.enabled=true",
                              f"{T}.threshold=0.999", f"{T}.streams=[act_up,act_down,grad_up,grad_down]",
                              "compression.codec=int4", "compression.grad_codec=int4"],
+    # issue 21: federated LoRA, the alternative to a split: the whole model on every device, adapters alone
+    # travel (fp32; then int8 with int8 deltas after the first exchange, and zstd)
+    "fl": ["federation.mode=fl"],
+    "fl+int8-delta-zstd": ["federation.mode=fl", "compression.adapter_codec=int8", "compression.adapter_refresh=delta",
+                           "compression.adapter_delta_codec=int8", "compression.entropy=zstd"],
 }
+
+
+def for_row(name: str, overrides: list[str]) -> list[str]:
+    """A federated-LoRA row has no cut: the split-only keys of the shared settings stay at their defaults."""
+    from splitcom.config import SPLIT_ONLY
+
+    if ROWS[name][:1] != ["federation.mode=fl"]:
+        return overrides
+    return [o for o in overrides if not o.split("=", 1)[0].strip().startswith(SPLIT_ONLY)]
 
 
 def common(args) -> list[str]:
@@ -244,7 +259,7 @@ def main() -> int:
     results = reference_rows(args)
     for name in args.rows:
         t0 = time.perf_counter()
-        cfg = build_config({}, common(args) + args.extra + ROWS[name])
+        cfg = build_config({}, for_row(name, common(args) + args.extra) + ROWS[name])
         done = args.runs / name / "summary.json"
         same = args.resume and (args.runs / name / "config.yaml").is_file() and \
             load_config(args.runs / name / "config.yaml") == cfg
@@ -295,10 +310,14 @@ def write_report(results: dict, args) -> None:
         "the row says int8). *client cache* is the senders' memory on all clients at the end (reuse summaries, "
         "the DELTA mirror, prefix rows). `centralized` is one PEFT LoRA model with no split: no traffic. "
         "*wall s* is each row's own run on a 2-core CPU; rows may have run at different times and machine "
-        "load, so compare bytes and ppl, not wall time.", "",
+        "load, so compare bytes and ppl, not wall time. `fl` rows are federated LoRA (issue 21): every device trains "
+        "the whole model and only the adapters travel; their total reduction is against `baseline` (fp32 SFL). "
+        "*per client per round* is total bytes / (clients x rounds); *device memory* is the time model's estimate "
+        "of one client's training memory (the largest in the fleet): weights, saved activations, LoRA + AdamW "
+        "state, not a measurement.", "",
         "| row | act_up bytes | act_up reduction | split traffic reduction | total bytes | total reduction "
-        "| val ppl | Δppl | reuse ratio | client cache MB | wall s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| per client per round | val ppl | Δppl | reuse ratio | client cache MB | device memory MB | wall s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     scored = any("bleu" in s for s in results.values())
     if scored:  # generation metrics: extra columns, and what they are in the paragraph above the table
@@ -314,14 +333,17 @@ def write_report(results: dict, args) -> None:
         s = results[name]
         base = results.get("ushape" if name.startswith("ushape") else "baseline")
         act, total = s["bytes_by_stream"].get("act_up", 0), s["bytes_up"] + s["bytes_down"]
-        split = base is not None and s.get("mode") != "centralized"
+        split = base is not None and s.get("mode") == "sfl"
         red = _reduction(act, base["bytes_by_stream"]["act_up"]) if split else "-"
         sred = _reduction(split_bytes(s), split_bytes(base)) if split else "-"
-        tred = _reduction(total, base["bytes_up"] + base["bytes_down"]) if split else "-"
+        tred = _reduction(total, base["bytes_up"] + base["bytes_down"]) if split or (
+            base is not None and s.get("mode") == "fl") else "-"
+        per = f"{total / (s['num_clients'] * s['rounds']):,.0f}" if s.get("mode") != "centralized" else "-"
+        mem = f"{max(s['client_memory_estimate_bytes']) / 1e6:.0f}" if s.get("client_memory_estimate_bytes") else "-"
         dppl = f"{100 * (s['val_ppl'] / base['val_ppl'] - 1):+.2f} %" if base else "-"
         cache = f"{s['client_cache_bytes'] / 1e6:.1f}" if "client_cache_bytes" in s else "-"
-        lines.append(f"| {name} | {act:,} | {red} | {sred} | {total:,} | {tred} | {s['val_ppl']:.3f} | {dppl} | "
-                     f"{s.get('reuse_ratio', 0):.3f} | {cache} | {s['wall_s']:.0f} |")
+        lines.append(f"| {name} | {act:,} | {red} | {sred} | {total:,} | {tred} | {per} | {s['val_ppl']:.3f} | "
+                     f"{dppl} | {s.get('reuse_ratio', 0):.3f} | {cache} | {mem} | {s['wall_s']:.0f} |")
         if scored:
             lines[-1] += (" - | - | - | - | - | - | - |" if "bleu" not in s else
                           f" {s['bleu']:.4f} | {s['nist']:.3f} | "
@@ -344,9 +366,13 @@ def plot(results: dict, args) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     panels = [("standard: act_up bytes (MB, log)", lambda s: s["bytes_by_stream"].get("act_up", 0),
-               [n for n in results if not n.startswith("ushape") and results[n].get("mode") != "centralized"]),
+               [n for n in results if not n.startswith("ushape") and results[n].get("mode", "sfl") == "sfl"]),
               ("U-shape: split traffic, 4 streams (MB, log)", split_bytes,
                [n for n in results if n.startswith("ushape")])]
+    fl = [n for n in results if results[n].get("mode") == "fl"]
+    if fl:  # federated LoRA sends no activations: compare everything sent, adapters included
+        panels.append(("total traffic, adapters included (MB, log)", lambda s: s["bytes_up"] + s["bytes_down"],
+                       fl + [n for n in ("baseline", "all") if n in results]))
     panels = [p for p in panels if p[2]]
     if not panels:  # e.g. only the centralized row: nothing goes over the wire
         return

@@ -32,6 +32,9 @@ def _err(result):
     (["--set", "model.lora.cut_rank=2", "--set", "federation.server_adapters=shared"],
      "model.lora.cut_rank, federation.server_adapters"),
     (["--resume"], "checkpoint.pt"),
+    (["--set", "federation.mode=fl", "--set", "split.mode=ushape"], "split.mode: only applies to split learning"),
+    (["--set", "federation.mode=fl", "--set", "federation.devices=[{base: raspberry-pi-5, memory_bytes: 1000}]"],
+     "client 0's device 'raspberry-pi-5' has"),
     (["--set", "compression.codec=int9"], "compression.codec: Input should be 'fp32'"),  # no union tag in the key
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):

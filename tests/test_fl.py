@@ -151,3 +151,19 @@ def test_fl_round_time_is_the_slowest_device_training_plus_its_transfer(tmp_path
     expect_down = max(transfer_time(down, d.downlink_bps, d.latency_s) for d in devs)
     assert summary["simulated_s"] == pytest.approx(expect_up + expect_down, rel=1e-3)
     assert train[0] > train[1]  # the Pi is the slower device
+
+
+def test_fl_trains_as_sfl_with_per_client_server_adapters(tmp_path):
+    """The comparison is fair: with fp32 on the wire, SFL with per-client server adapters computes the same
+    per-client training as FL (the head's and the body's adapters are one client's LoRA, averaged per block),
+    so the two end at the same adapters up to float rounding; only what crosses the network differs."""
+    cfg = {"train.epochs": 2, "federation.aggregate_every": 1}
+    fl = run(tiny_cfg(**FL, **cfg), tmp_path / "fl", progress=False)
+    sfl = run(tiny_cfg(**cfg), tmp_path / "sfl", progress=False)
+    assert fl["val_loss_by_epoch"] == pytest.approx(sfl["val_loss_by_epoch"], abs=1e-5)
+    assert fl["train_loss_by_epoch"] == pytest.approx(sfl["train_loss_by_epoch"], abs=1e-5)
+    assert fl["rounds"] == sfl["rounds"] and fl["train_tokens"] == sfl["train_tokens"]
+    assert "act_up" not in fl["bytes_by_stream"] and sfl["bytes_by_stream"]["act_up"] > 0
+    # the whole adapter goes both ways in FL; SFL's clients send only their two blocks' share
+    assert fl["bytes_by_stream"]["adapters_up"] > sfl["bytes_by_stream"]["adapters_up"]
+    assert max(fl["client_memory_estimate_bytes"]) > max(sfl["client_memory_estimate_bytes"])
