@@ -124,14 +124,15 @@ def main() -> int:
                 sc = score(row / "epochs" / str(epoch), args.score, args.beams)
                 scores[epoch] = sc
                 print(f"{name} epoch {epoch}: BLEU {sc['BLEU']:.4f}", flush=True)
-            sfl = cfg.federation.mode == "sfl"
-            per_client = -(-(cfg.data.max_train_samples // (cfg.federation.num_clients if sfl else 1))
+            mode = cfg.federation.mode
+            fed = mode != "centralized"  # sfl, or fl (federated LoRA, issue 21): clients and rounds
+            per_client = -(-(cfg.data.max_train_samples // (cfg.federation.num_clients if fed else 1))
                            // cfg.train.batch_size)
-            rows[name] = {"evals": evals(row), "scores": scores, "steps": f"~{per_client}" if sfl else "-",
-                          "settings": (f"{cfg.federation.mode}, {cfg.data.max_train_samples} samples, "
-                                       f"{cfg.federation.num_clients if sfl else 1} clients, lr {cfg.train.lr}, "
-                                       f"aggregate {cfg.federation.aggregate_every}, "
-                                       f"{cfg.federation.server_adapters if sfl else 'one model'}")}
+            how = {"sfl": cfg.federation.server_adapters, "fl": "whole model per device"}.get(mode, "one model")
+            rows[name] = {"evals": evals(row), "scores": scores, "steps": f"~{per_client}" if fed else "-",
+                          "settings": (f"{mode}, {cfg.data.max_train_samples} samples, "
+                                       f"{cfg.federation.num_clients if fed else 1} clients, lr {cfg.train.lr}, "
+                                       f"aggregate {cfg.federation.aggregate_every}, {how}")}
             busy |= not (row / "summary.json").is_file()
         report(args, rows)
         if not (args.watch and busy):

@@ -167,3 +167,19 @@ def test_fl_trains_as_sfl_with_per_client_server_adapters(tmp_path):
     # the whole adapter goes both ways in FL; SFL's clients send only their two blocks' share
     assert fl["bytes_by_stream"]["adapters_up"] > sfl["bytes_by_stream"]["adapters_up"]
     assert max(fl["client_memory_estimate_bytes"]) > max(sfl["client_memory_estimate_bytes"])
+
+
+def test_the_fl_server_takes_adapters_only():
+    """No activation or label reaches the server in fl: step traffic is refused naming the stream, and the
+    server goes on."""
+    from splitcom.protocol.messages import LabelsMsg
+
+    s = prepare(tiny_cfg(**FL, **{"federation.num_clients": 1}))
+    server, (client,) = build_sfl(s, ByteCounter())
+    reply = serde.decode(server.handle_bytes(0, serde.encode(LabelsMsg(0, 0, {0: [1, 2, 3]}))))
+    assert reply.kind == "error" and reply.body["field"] == "stream" and "federation.mode=fl" in reply.body["message"]
+    client.train_step(client.epoch_batches(1)[0], 0)
+    client.push_adapters(0)  # adapters still go through
+    server.aggregate()
+    client.pull_adapters(0)
+    assert server.round == 1
