@@ -266,6 +266,30 @@ def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
                       if e["event"] == "step"]
 
 
+def test_fl_server_resume_equals_uninterrupted_run(procs, tmp_path):
+    """Federated LoRA: the server dies after 7 of 12 uploads (in round 2 of 4, no step turns in fl); resumed
+    from round 1's checkpoint, the surviving clients train round 2 again from its start (the global adapter,
+    their round-start optimizer state) and the run ends as `splitcom run` ends."""
+    tree = _setup(tmp_path, mode="fl")
+    out = tmp_path / "deploy"
+    server, address = _server(procs, out, env=_env(SERVER_EXIT_AFTER_UPLOADS=7))
+    clients = [_thread_client(address, cid) for cid in range(3)]
+    assert procs.wait(server) == 17, procs.log("server0")
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["next_round"] == 2
+    resumed, _ = _server(procs, out, "--resume", str(out), bind=address)
+    sim = _sim(tree, tmp_path / "sim")
+    assert procs.wait(resumed) == 0, procs.log("server1")
+    assert [c.join()["rejoins"] for c in clients] == [1, 1, 1]
+    assert _adapters_equal(out, tmp_path / "sim")
+    dep = json.loads((out / "summary.json").read_text())
+    assert dep["resumed_at_rounds"] == [2]
+    for key in ("val_loss_by_epoch", "train_loss_by_epoch", "train_tokens"):
+        assert dep[key] == sim[key], key
+    assert dep["bytes_by_stream"]["adapters_up"] == sim["bytes_by_stream"]["adapters_up"]
+    # on rejoining, each client downloaded the global adapter once more (12 downloads -> 15)
+    assert dep["bytes_by_stream"]["adapters_down"] * 12 == sim["bytes_by_stream"]["adapters_down"] * 15
+
+
 @pytest.mark.parametrize("over,exact", [
     ({"compression.temporal.enabled": True, "train.epochs": 3, "compression.temporal.controller": "bangbang",
       "compression.temporal.bangbang.aggressive": 0.3, "compression.temporal.bangbang.conservative": 0.6}, "reuse"),

@@ -20,7 +20,8 @@ The step logic is simulation's: the server process runs ``SplitServer.handle_byt
   is off (its caches are not checkpointed: after a restart both sides start them afresh). A client
   process that restarts begins with a fresh optimizer: correct, but no longer bit-identical.
 
-Fault injection for tests (environment): SPLITCOM_FAULT_SERVER_EXIT_AFTER_TURNS=N and
+Fault injection for tests (environment): SPLITCOM_FAULT_SERVER_EXIT_AFTER_TURNS=N (step turns served),
+SPLITCOM_FAULT_SERVER_EXIT_AFTER_UPLOADS=N (adapter uploads taken: federated LoRA has no turns) and
 SPLITCOM_FAULT_CLIENT_EXIT_AFTER_STEPS=N make the process exit hard (os._exit(17)) at that point;
 SPLITCOM_FAULT_CLIENT_HANG_AFTER_STEPS=N (with SPLITCOM_FAULT_CLIENT_HANG_S) makes a client stall.
 """

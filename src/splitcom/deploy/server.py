@@ -74,7 +74,7 @@ class ServerDriver(Coordination):
         self.init_loss: float | None = None
         self.drops: list[dict] = []
         self.resumed_at: list[int] = []
-        self.turns_served, self.wall_before, self.join_timeout_s = 0, 0.0, None
+        self.turns_served, self.uploads_taken, self.wall_before, self.join_timeout_s = 0, 0, 0.0, None
         self.est = {k: {} for k in ("forward", "service", "tail")}
         self.next_round, self.metrics_bytes, self.pending_replay = 0, None, None  # (load_checkpoint sets them)
         if resume:
@@ -292,6 +292,10 @@ class ServerDriver(Coordination):
                         self.stats[cid].add(call.request.stats)
                         if self.local:
                             rnd.losses[cid] = list(call.request.stats.losses)
+                    self.uploads_taken += 1
+                    if fault("SERVER_EXIT_AFTER_UPLOADS") == self.uploads_taken:
+                        log.error("fault injection: server exits after %d uploads", self.uploads_taken)
+                        os._exit(17)
                     break
         with self.cond:
             if len(rnd.pushed) < self.cfg.federation.min_clients:

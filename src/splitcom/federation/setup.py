@@ -112,6 +112,6 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
     cfg, t = s.cfg, s.cfg.train
     kind = FLClient if cfg.federation.mode == "fl" else SplitClient
     return kind(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
-                       stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
-                       pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
-                       cut_rank=cfg.model.lora.cut_rank)
+                stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
+                pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
+                cut_rank=cfg.model.lora.cut_rank)
