@@ -31,6 +31,7 @@ from splitcom.deploy.plan import (
 from splitcom.errors import ProtocolError, UserError
 from splitcom.federation.setup import make_client, prepare
 from splitcom.models.adapters import GLOBAL
+from splitcom.runlog import peak_rss_bytes
 from splitcom.transport.grpc_client import (
     AuthRefused,
     Disconnected,
@@ -136,7 +137,8 @@ class ClientDriver:
         c = self.channel.counter
         return {"client": self.cid, "steps": self.steps, "rejected_steps": self.rejected, "rejoins": self.rejoins,
                 "bytes_up": c.up, "bytes_down": c.down, "bytes_by_stream": c.by_stream(),
-                "grpc_message_bytes": dict(self.conn.grpc_bytes)}
+                "grpc_message_bytes": dict(self.conn.grpc_bytes),
+                "peak_rss_bytes": peak_rss_bytes()}  # the process's (the device's memory, measured)
 
     def _retry(self, fn):
         """Call ``fn`` until the server answers (it may not be up yet, or be restarting)."""
