@@ -73,6 +73,8 @@ FINGERPRINTS = {
     "ushape+codec-map+adapter-int2+grad_up-int4o": "97868aec2ea46fde",
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": "42f1b43439b4aaa6",
     "ushape+temporal+int4": "21283637fb30cabd",
+    "fl": None,  # federated LoRA (issue 21): no tensor stream
+    "fl+int8-delta-zstd": None,
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
