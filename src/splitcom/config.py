@@ -312,6 +312,25 @@ class LoggingCfg(_Strict):
     tensorboard: bool = Field(False, description="Also write the metrics as TensorBoard scalars to OUT/tensorboard.")
 
 
+class PrivacyCfg(_Strict):
+    """A defence against what the server can read from act_up (see ``splitcom audit``)."""
+
+    noise: float = Field(
+        0.0, description="Gaussian noise on act_up, added on the client before the codec and temporal reuse: "
+        "per token, std noise * ||x_t|| / sqrt(H) per value after clipping (so `noise` is the noise-to-signal "
+        "norm ratio of a token); 0: off. Both the server's training and what it can reconstruct see it.")
+    clip: float | None = Field(
+        None, gt=0, description="Clip each act_up token's L2 norm to this before the noise (None: no clipping); "
+        "the noise scales with the clipped norm.")
+
+    @field_validator("noise")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not v >= 0 or v == float("inf"):  # NaN fails every comparison
+            raise ValueError("must be a finite number >= 0")
+        return v
+
+
 class Config(_Strict):
     model: ModelCfg = Field(default_factory=ModelCfg)
     split: SplitCfg = Field(default_factory=SplitCfg)
@@ -320,6 +339,7 @@ class Config(_Strict):
     train: TrainCfg = Field(default_factory=TrainCfg)
     compression: CompressionCfg = Field(default_factory=CompressionCfg)
     logging: LoggingCfg = Field(default_factory=LoggingCfg)
+    privacy: PrivacyCfg = Field(default_factory=PrivacyCfg)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -54,6 +54,7 @@ class SplitClient:
         self.hold()
         self.labels_sent: set[int] = set()  # standard mode: the server caches labels, each goes up once
         self.tokens_forwarded = 0
+        self.noise = None  # privacy.noise on act_up (compress/noise.py), set by make_client
 
     def hold(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Remember the adapter state the server also has (the start, or what a pull delivered) as the
@@ -112,8 +113,10 @@ class SplitClient:
         # prompt token ids per sample (the leading positions whose label is IGNORE), for prefix sharing
         prompts = [tuple(batch.input_ids[i, : prompt_length(batch.labels[i])].tolist()) for i in range(len(sids))] \
             if self.prefix else None
-        reply = self.channel.request(self.out[Stream.act_up].message(self.cid, step, sids, unpad(h.detach(), lengths),
-                                                                     tokens=prompts))
+        rows = unpad(h.detach(), lengths)
+        if self.noise is not None:  # the defence: before the codec and reuse, so they see what the server sees
+            rows = self.noise(rows)
+        reply = self.channel.request(self.out[Stream.act_up].message(self.cid, step, sids, rows, tokens=prompts))
         loss = reply.scalar
         if self.ushape:  # reply is act_down: run the tail and the loss here, send the gradient up
             h2 = pad(self.inc[Stream.act_down].decode(reply, sids), h.shape[1]).to(self.device).requires_grad_(True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from splitcom.compress.noise import act_noise
 from splitcom.config import Config, config_diff, dump_config, load_config
 from splitcom.errors import UserError
 from splitcom.evaluate.perplexity import evaluate_loss
@@ -52,12 +53,14 @@ def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
     """Client ``cid`` of a run, as simulation and deployment both build it."""
     cfg, t, c = s.cfg, s.cfg.train, s.cfg.compression
-    return SplitClient(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]], lr=t.lr,
+    client = SplitClient(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]], lr=t.lr,
                        weight_decay=t.weight_decay, codec=c.codec, grad_codec=c.grad_codec,
                        tail_layers=tail_layers(cfg), batch_size=t.batch_size, pad_id=s.pad_id, seed=t.seed,
                        device=s.device, temporal=c.temporal, cut_rank=cfg.model.lora.cut_rank,
                        adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy,
                        adapter_delta=c.adapter_delta_codec if c.adapter_refresh == "delta" else None)
+    client.noise = act_noise(cfg.privacy, t.seed, cid)
+    return client
 
 
 def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
