@@ -66,6 +66,8 @@ def examples(samples: list[Sample], preds_by_attack: dict[str, list[torch.Tensor
         sp = spans(s, tokenizer)
         row = {part: tokenizer.decode([s.ids[i] for i in sp[part]], skip_special_tokens=True) for part in sp}
         for attack, preds in preds_by_attack.items():
+            if k >= len(preds):  # (the optimisation attack may have run on fewer samples)
+                continue
             row[attack] = {part: tokenizer.decode([int(preds[k][i]) for i in sp[part]], skip_special_tokens=True)
                            for part in sp}
         rows.append(row)
