@@ -53,6 +53,26 @@ def test_run_prints_headline(tmp_path):
     assert "val loss" in result.output and (tmp_path / "summary.json").is_file()
 
 
+def test_out_is_never_overwritten_silently(tmp_path):
+    """--out naming a file: exit 2, one line. A directory holding a finished run: exit 2 naming --resume and
+    --force; --force starts afresh; the end of a run points at eval and report."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "is a file" in _err(runner.invoke(app, ["run", *FAST, "--out", str(f)]))
+    out = tmp_path / "run"
+    first = runner.invoke(app, ["run", *FAST, "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert f"splitcom eval {out}" in first.output and f"splitcom report {out}" in first.output
+    before = (out / "summary.json").read_bytes()
+    text = _err(runner.invoke(app, ["run", *FAST, "--out", str(out)]))
+    assert "finished run" in text and "--resume" in text and "--force" in text
+    assert (out / "summary.json").read_bytes() == before  # nothing was touched
+    (out / "summary.json").unlink()
+    assert "interrupted run" in _err(runner.invoke(app, ["run", *FAST, "--out", str(out)]))
+    again = runner.invoke(app, ["run", *FAST, "--set", "train.seed=1", "--out", str(out), "--force"])
+    assert again.exit_code == 0, again.output
+
+
 def test_score_cli(tmp_path):
     refs, hyps = tmp_path / "refs.txt", tmp_path / "hyps.txt"
     refs.write_text("The Eagle is a pub.\nThe Eagle pub.\n\nZizzi serves French food.\n")

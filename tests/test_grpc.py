@@ -28,6 +28,7 @@ from splitcom.transport.grpc_client import AuthRefused, Disconnected, GrpcClient
 from splitcom.transport.grpc_server import SplitComService, peek, start_server
 from splitcom.transport.security import (
     TokenAuth,
+    call_metadata,
     load_tokens,
     plaintext_warning,
     server_credentials,
@@ -119,6 +120,25 @@ def test_tokens_decide_who_may_call(fake_server):
     assert ok.call("Join", pb.Envelope(payload=serde.encode(ControlMsg(0, 0, "join", {}))), TIMEOUT).session == "fake"
 
 
+def test_a_protocol_the_server_does_not_speak_is_refused(fake_server, monkeypatch):
+    """Hello with protocol_version 999: FAILED_PRECONDITION naming both versions, before any config is given;
+    `splitcom client` of another version exits 2 at once."""
+    address, coord, _ = fake_server
+    with pytest.raises(grpc.RpcError) as err:
+        GrpcClient(address, 0, TOKENS[0]).channel.unary_unary(
+            "/splitcom.v1.SplitCom/Hello", request_serializer=pb.HelloRequest.SerializeToString,
+            response_deserializer=pb.HelloReply.FromString)(pb.HelloRequest(protocol_version=999),
+                                                            metadata=call_metadata(0, TOKENS[0]), timeout=TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "version 999" in err.value.details() and f"version {serde.VERSION}" in err.value.details()
+    assert ("hello", 0) not in coord.calls
+    monkeypatch.setattr(GrpcClient, "hello", lambda self, timeout=30.0: self.call(
+        "Hello", pb.HelloRequest(protocol_version=999), timeout))  # a client of another splitcom version
+    result = CliRunner().invoke(app, ["client", "--server", address, "--client-id", "0", "--token", TOKENS[0],
+                                      "--reconnect-timeout", "5"])
+    assert result.exit_code == 2 and "protocol version 999" in result.output, result.output
+
+
 def test_client_with_a_wrong_token_exits_3(fake_server):
     address, _, _ = fake_server
     result = CliRunner().invoke(app, ["client", "--server", address, "--client-id", "0", "--token", "not-the-token",
@@ -171,6 +191,11 @@ def test_bad_messages_get_invalid_argument_naming_the_field(fake_server):
     # every envelope we counted is what gRPC serialized, both ways
     assert service.counters.wire.up == service.counters.grpc["up"]
     assert service.counters.wire.down == service.counters.grpc["down"]
+    # only the accepted messages count as traffic; each refusal is counted apart, by reason
+    # the good step and its echo, and the two labels messages (the first taken though its step was refused)
+    assert service.counters.serde.by_stream() == {"act_up": 2 * len(good), "labels_up": 2 * len(labels)}
+    assert {"INVALID_ARGUMENT header.magic", "PERMISSION_DENIED header.client_id", "INVALID_ARGUMENT envelope",
+            "INVALID_ARGUMENT kind"} <= set(service.counters.rejected)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -314,4 +339,11 @@ def test_bad_steps_are_rejected_and_the_run_goes_on(tmp_path, caplog):
     assert result["client0"]["rejected_steps"] == 0 and result["client0"]["steps"] == 5
     assert summary["dropped"] == [] and math.isfinite(summary["val_loss"])
     assert summary["wire_bytes_up"] == summary["grpc_message_bytes"]["up"]
+    # refused traffic is not training traffic: the run's act_up is what the two clients had accepted, and the
+    # refused bytes are counted apart by reason
+    accepted = result["client0"]["bytes_by_stream"]["act_up"] + bad.channel.counter.by_stream()["act_up"]
+    assert summary["bytes_by_stream"]["act_up"] == accepted
+    assert {"INVALID_ARGUMENT samples[0].payload_len", "INVALID_ARGUMENT samples[7].payload",
+            "INVALID_ARGUMENT weight"} <= set(summary["rejected_bytes"])
+    assert all(n > 0 for n in summary["rejected_bytes"].values())
     bad.conn.close()

@@ -150,6 +150,25 @@ def test_resume_after_a_crash(tmp_path, monkeypatch, over, exact):
         assert resumed["threshold_by_epoch"] == full["threshold_by_epoch"]
 
 
+def test_checkpoint_comes_before_the_epochs_events(tmp_path, monkeypatch):
+    """A crash between epoch 1's checkpoint and its `eval` event: metrics.jsonl does not claim epoch 1 yet,
+    `--resume` finds it, and the resumed log equals an uninterrupted run's."""
+    cfg = tiny_cfg(**{"train.epochs": 2})
+    full = run(cfg, tmp_path / "full", progress=False)
+    monkeypatch.setenv("SPLITCOM_FAULT_RUN_EXIT_BEFORE_EVENTS", "1")
+    with pytest.raises(RuntimeError, match="fault injection"):
+        run(cfg, tmp_path / "cut", progress=False)
+    logged = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [e["epoch"] for e in logged if e["event"] == "eval"] == [0]  # epoch 1 not claimed
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # but it is saved
+    monkeypatch.delenv("SPLITCOM_FAULT_RUN_EXIT_BEFORE_EVENTS")
+    resumed = run(cfg, tmp_path / "cut", progress=False, resume=True)
+    events = lambda d: [{k: v for k, v in e.items() if k not in VOLATILE}  # noqa: E731
+                        for e in read_metrics(d / "metrics.jsonl")]
+    assert events(tmp_path / "cut") == events(tmp_path / "full")
+    assert resumed["val_loss_by_epoch"] == full["val_loss_by_epoch"]
+
+
 def test_resume_needs_a_checkpoint_and_the_same_config(tmp_path):
     from splitcom.errors import UserError
 

@@ -34,14 +34,18 @@ def run(
     progress: Annotated[bool, typer.Option(help="Live progress display.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Go on from OUT/checkpoint.pt (written after every "
                                          "epoch) with OUT/config.yaml.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start afresh in an OUT that holds a run (its files are "
+                                        "overwritten).")] = False,
 ) -> None:
     """Simulate split federated fine-tuning (or the centralized baseline) on one machine."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         from splitcom.config import load_config
         from splitcom.federation.simulation import run as run_sim
-        from splitcom.runlog import CHECKPOINT
+        from splitcom.runlog import CHECKPOINT, check_out_dir
 
+        if not resume:
+            check_out_dir(out, force)
         if resume and not (out / CHECKPOINT).is_file():  # before reading OUT/config.yaml
             raise UserError("no checkpoint to resume from (no epoch had finished)", where=str(out / CHECKPOINT))
         cfg = load_config(out / "config.yaml" if resume and config is None else config, set_ or [])
@@ -60,6 +64,8 @@ def run(
                   f"down {mb(summary['bytes_down'])}")
     for stream, n in summary["bytes_by_stream"].items():
         console.print(f"  {stream:<14} {mb(n)}")
+    console.print(f"next: splitcom eval {out} (generation + E2E metrics), splitcom report {out} (plots, tables), "
+                  f"splitcom export {out} DEST (a PEFT adapter)", highlight=False, soft_wrap=True)
 
 
 @app.command()

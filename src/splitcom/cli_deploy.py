@@ -6,6 +6,7 @@ the client's token or id; 4 the run could not go on (server unreachable, too few
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -25,12 +26,27 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _tokens(path: Path | None, out: Path, num_clients: int) -> dict[int, str]:
+def _tokens(path: Path | None, out: Path, num_clients: int, resume: bool = False) -> dict[int, str]:
+    """The run's tokens: ``--tokens FILE``, else OUT/tokens.yaml. A resumed run keeps the tokens it was started
+    with (the file named in OUT/server.json); it never mints new ones, which would lock its clients out."""
     from splitcom.transport.security import generate_tokens, load_tokens, write_tokens
 
     generated = out / "tokens.yaml"
-    if path is None and generated.is_file():
-        path = generated  # a resumed run keeps its tokens
+    if path is None and resume:
+        started = out / "server.json"
+        given = json.loads(started.read_text()).get("tokens_file") if started.is_file() else None
+        if given is not None and generated.resolve() != Path(given).resolve():
+            if not Path(given).is_file():
+                raise UserError(f"this run was started with --tokens {given}, which is gone: pass --tokens again "
+                                "(the clients hold the tokens of that file)", where="--tokens")
+            path = Path(given)
+        elif generated.is_file():
+            path = generated
+        else:
+            raise UserError(f"no tokens for the resumed run ({generated} is missing): pass --tokens with the file "
+                            "the run was started with", where="--tokens")
+    elif path is None and generated.is_file():
+        path = generated  # a run started again in the same OUT keeps its tokens
     if path is not None:
         tokens = load_tokens(path)
         missing = [cid for cid in range(num_clients) if cid not in tokens]
@@ -58,6 +74,7 @@ def server_cmd(
                                                      "finished round.")] = None,
     join_timeout: Annotated[float | None, typer.Option(help="Seconds to wait for all clients before starting "
                                                             "with federation.min_clients.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Start afresh in an OUT that holds a run.")] = False,
 ) -> None:
     """Serve a split federated run to `splitcom client` processes; writes the same OUT files as `run`."""
     logging.basicConfig(level=logging.INFO, format=FMT)
@@ -67,7 +84,11 @@ def server_cmd(
         from splitcom.runlog import write_json
         from splitcom.transport.security import plaintext_warning, server_credentials, split_address
 
-        if resume is not None:
+        if resume is None:
+            from splitcom.runlog import check_out_dir
+
+            check_out_dir(out, force)
+        else:
             if config is not None:
                 raise UserError("a resumed run uses OUT/config.yaml; drop --config", where="--config")
             out, config = resume, resume / "config.yaml"
@@ -79,13 +100,16 @@ def server_cmd(
         warning = plaintext_warning(host, creds is not None)
         if warning:
             logging.getLogger("splitcom.server").warning(warning)
-        token_map = _tokens(tokens, out, cfg.federation.num_clients)
+        token_map = _tokens(tokens, out, cfg.federation.num_clients, resume=resume is not None)
+        tokens_file = str((tokens if tokens is not None else out / "tokens.yaml").resolve())
+        if resume is not None and tokens is None and (out / "server.json").is_file():
+            tokens_file = json.loads((out / "server.json").read_text()).get("tokens_file", tokens_file)
         driver = ServerDriver(cfg, out, resume=resume is not None)
         driver.join_timeout_s = join_timeout
         port = driver.listen(bind, token_map, creds)
         address = f"{host}:{port}"
         write_json(out / "server.json", {"address": address, "pid": os.getpid(), "session": driver.session,
-                                         "tls": creds is not None})
+                                         "tls": creds is not None, "tokens_file": tokens_file})
         console.print(f"listening on {address} ({'TLS' if creds else 'no TLS'}), session {driver.session}; "
                       f"waiting for {cfg.federation.num_clients} clients")
         summary = driver.serve()
@@ -112,6 +136,10 @@ def client_cmd(
                                                   "e2e:DIR); default: the server's setting.")] = None,
     device: Annotated[str | None, typer.Option(help="train.device for this client: cpu, cuda or auto.")] = None,
     reconnect_timeout: Annotated[float, typer.Option(help="Seconds to keep trying to reach the server.")] = 120.0,
+    state_dir: Annotated[Path | None, typer.Option(help="Keep this client's optimizer state here after every round, "
+                                                        "so a restarted client process rejoins a resumed run "
+                                                        "exactly (without it, a new process starts with an empty "
+                                                        "AdamW state and warns).")] = None,
 ) -> None:
     """Train one client of a `splitcom server` run (its config comes from the server)."""
     logging.basicConfig(level=logging.INFO, format=FMT)
@@ -125,7 +153,8 @@ def client_cmd(
             logging.getLogger("splitcom.client").warning(warning)
         opts = ClientOptions(server, client_id, token, *(None if p is None else str(p) for p in (tls_ca, tls_cert,
                                                                                                    tls_key)),
-                             data=data, device=device, reconnect_s=reconnect_timeout)
+                             data=data, device=device, reconnect_s=reconnect_timeout,
+                             state_dir=None if state_dir is None else str(state_dir))
         summary = ClientDriver(opts).run()
     except UserError as err:
         _fail(str(err), err.exit_code)

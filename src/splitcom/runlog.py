@@ -7,30 +7,34 @@ import os
 import resource
 from pathlib import Path
 
+from splitcom.errors import UserError
+
 
 class RunLog:
     """metrics.jsonl writer; with ``tensorboard`` set, the same numbers also go to TensorBoard scalars
     (``event/field``, stepped by epoch, or by the running step count for ``step`` events)."""
 
     def __init__(self, path: Path, append: bool = False, tensorboard: Path | None = None,
-                 keep_bytes: int | None = None):
+                 keep_bytes: int | None = None, replay: list | None = None):
         """``keep_bytes``: resuming from a checkpoint, keep what was logged up to it and append after it
-        (what the lost part of the run logged is forgotten)."""
+        (what the lost part of the run logged is forgotten); ``replay``: the checkpoint's ``pending`` events,
+        written again after it (a crash may have come before they were)."""
         self.path = path
         if keep_bytes is not None:
             with path.open("r+b") as fh:
                 fh.truncate(keep_bytes)
         self._fh = path.open("a" if append or keep_bytes is not None else "w", encoding="utf-8")
+        self.pending: list[list] = []  # [event, fields] held back until the checkpoint that covers them is saved
         self._tb, self._steps = None, 0
         if tensorboard is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from splitcom.errors import UserError
-
                 raise UserError("needs the tensorboard package (pip install tensorboard)",
                                 where="logging.tensorboard") from None
             self._tb = SummaryWriter(str(tensorboard))
+        for event, fields in replay or []:
+            self.write(event, **fields)
 
     def write(self, event: str, **fields) -> None:
         self._fh.write(json.dumps({"event": event, **fields}) + "\n")
@@ -46,6 +50,23 @@ class RunLog:
                 elif isinstance(value, int | float) and not isinstance(value, bool) and key not in ("epoch", "step"):
                     self._tb.add_scalar(f"{event}/{key}", value, step)
 
+    def defer(self, event: str, **fields) -> None:
+        """An epoch's closing events wait for its checkpoint: the checkpoint is written first (carrying them),
+        then they are (``commit``), so metrics.jsonl never says an epoch finished that ``--resume`` cannot
+        find."""
+        self.pending.append([event, fields])
+
+    def commit(self) -> None:
+        for event, fields in self.pending:
+            self.write(event, **fields)
+        self.pending = []
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (what a checkpoint keeps of the log)."""
+        self._fh.flush()
+        return self.path.stat().st_size
+
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
@@ -57,6 +78,21 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+RUN_FILES = ("summary.json", "checkpoint.pt", "metrics.jsonl", "config.yaml")
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """``--out`` must be a directory (or not exist yet); one that holds a finished or interrupted run is not
+    overwritten unless the user says so."""
+    if out.exists() and not out.is_dir():
+        raise UserError("is a file, not a directory (--out names the run's output directory)", where=str(out))
+    held = [f for f in RUN_FILES if (out / f).is_file()]
+    if held and not force:
+        state = "a finished run" if "summary.json" in held else "an interrupted run"
+        raise UserError(f"holds {state} ({', '.join(held)}): pass --resume to go on with it, --force to start "
+                        "afresh over it, or another --out", where=str(out))
 
 
 CHECKPOINT = "checkpoint.pt"  # OUT/checkpoint.pt: what `run --resume` and `server --resume` go on from

@@ -96,6 +96,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
     t0 = time.perf_counter() - (ckpt["wall_s"] if ckpt else 0.0)
     s = prepare(cfg)
     log = RunLog(out / "metrics.jsonl", keep_bytes=ckpt["metrics_bytes"] if ckpt else None,
+                 replay=ckpt.get("pending") if ckpt else None,
                  tensorboard=out / "tensorboard" if cfg.logging.tensorboard else None)
     counter = ByteCounter()
     sfl = cfg.federation.mode == "sfl"
@@ -116,8 +117,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                                       pad_id=s.pad_id, seed=cfg.train.seed, device=s.device)]
 
     def validate(epoch: int) -> tuple[float, float]:
+        """Val loss of the global adapter; the epoch's `eval` event waits for its checkpoint (RunLog.defer)."""
         loss, ppl = evaluate_loss(s.split, s.bank, s.val, cfg.train.eval_batch_size, s.pad_id, s.device)
-        log.write("eval", epoch=epoch, val_loss=loss, val_ppl=ppl, **counter.snapshot(),
+        log.defer("eval", epoch=epoch, val_loss=loss, val_ppl=ppl, **counter.snapshot(),
                   wall_s=time.perf_counter() - t0, simulated_s=fleet.clock.now if sfl else None)
         return loss, ppl
 
@@ -148,7 +150,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
     def checkpoint(epoch: int) -> None:
         state = {"version": 1, "epoch": epoch, "rounds": rounds, "global_step": global_step,
                  "init_loss": init_loss, "val_losses": val_losses, "train_losses": train_losses,
-                 "wall_s": time.perf_counter() - t0, "metrics_bytes": (out / "metrics.jsonl").stat().st_size,
+                 "wall_s": time.perf_counter() - t0, "metrics_bytes": log.size, "pending": log.pending,
                  "counter": counter.state_dict(), "rng": torch.get_rng_state()}
         if sfl:
             state.update(server=server.state_dict(), clients=[c.state_dict() for c in workers],
@@ -159,6 +161,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             state.update(central={"adapter": s.bank.state(GLOBAL), "optimizer": workers[0].optimizer.state_dict(),
                                   "tokens_forwarded": workers[0].tokens_forwarded})
         atomic_save(state, out / CHECKPOINT)
+        if os.environ.get("SPLITCOM_FAULT_RUN_EXIT_BEFORE_EVENTS") == str(epoch):
+            raise RuntimeError(f"fault injection: the run stops between epoch {epoch}'s checkpoint and its events")
+        log.commit()
         if os.environ.get("SPLITCOM_FAULT_RUN_EXIT_AFTER_EPOCHS") == str(epoch):
             raise RuntimeError(f"fault injection: the run stops after epoch {epoch}")
 
@@ -169,6 +174,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
     global_step, first_epoch = 0, 1
     if ckpt is None:
         init_loss, _ = validate(0)
+        log.commit()
     else:  # go on from the last finished epoch
         first_epoch, rounds, global_step = ckpt["epoch"] + 1, ckpt["rounds"], ckpt["global_step"]
         init_loss, val_losses, train_losses = ckpt["init_loss"], ckpt["val_losses"], ckpt["train_losses"]
@@ -206,9 +212,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                     round_losses.setdefault(cid, []).append(loss)
                     if sfl:
                         jobs.append(fleet.job(cid, plan[step], *w.channel.take_bytes()))
-                    mb = (counter.up + counter.down) / 1e6
                     bar.update(task, advance=1, description=f"epoch {epoch}/{cfg.train.epochs} client {cid} "
-                               f"step {step + 1}/{len(plan)} loss {loss:.3f} sent {mb:.2f} MB")
+                               f"step {step + 1}/{len(plan)} loss {loss:.3f} up {counter.up / 1e6:.2f} MB "
+                               f"down {counter.down / 1e6:.2f} MB")
                     if global_step % cfg.logging.log_every == 0:
                         log.write("step", epoch=epoch, step=step, client=cid, loss=loss,
                                   bytes_up=counter.up, bytes_down=counter.down)
@@ -224,7 +230,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             val_loss, val_ppl = validate(epoch)
             if sfl:
                 simulated_by_epoch.append(fleet.clock.now - sum(simulated_by_epoch))
-                log.write("reuse", **reuse.end_epoch(epoch, val_loss, counter.by_stream()))
+                log.defer("reuse", **reuse.end_epoch(epoch, val_loss, counter.by_stream()))
             val_losses.append(val_loss)
             train_losses.append(sum(losses) / len(losses))
             s.bank.model.save_pretrained(str(out / "adapter"), selected_adapters=[GLOBAL])

@@ -106,7 +106,12 @@ class Counters:
     def __init__(self) -> None:
         self.serde, self.wire = ByteCounter(), ByteCounter()
         self.grpc = {"up": 0, "down": 0}
+        self.rejected: dict[str, int] = {}  # "CODE field" -> bytes of refused messages and their answers
         self._lock = threading.Lock()
+
+    def reject(self, reason: str, n: int) -> None:
+        with self._lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + n
 
     def raw(self, direction: str, n: int) -> None:
         with self._lock:
@@ -130,8 +135,16 @@ class Call:
 
     def _count(self, reply_payload: bytes | None, reply_size: int) -> None:
         """serde: by stream and its direction, as the in-process channel counts; wire: requests up,
-        replies down, as the envelopes travel."""
+        replies down, as the envelopes travel. A refused message (and its answer) is not training traffic:
+        it crossed the wire, but its bytes count apart, by reason, in ``rejected``, never in serde's totals."""
         stream = self.header.stream if self.header is not None else Stream.control
+        if self.status is not None:
+            code, _, field = self.status
+            self.counters.reject(f"{code} {field}".strip(), self.wire_in + reply_size)
+            self.counters.wire.add(stream if self.header is not None else Stream.control, "up", self.wire_in)
+            if reply_size:
+                self.counters.wire.add(stream, "down", reply_size)
+            return
         if self.payload:
             self.counters.serde.add(stream, DIRECTION.get(stream, "up"), len(self.payload))
         self.counters.wire.add(stream, "up", self.wire_in)
@@ -146,8 +159,7 @@ class Call:
         if err is not None:
             self.status = (INVALID, err[0], err[1])
         self.reply = _reply(self, reply_payload, self.status, fields)
-        self._count(reply_payload if (err is None or self.rpc == "Step") else None,
-                    self.reply.ByteSize() if self.reply is not None else 0)
+        self._count(reply_payload, self.reply.ByteSize() if self.reply is not None else 0)
         self.done.set()
 
     def reject(self, code: str, message: str, field: str = "") -> None:
@@ -267,6 +279,13 @@ class SplitComService:
     # -- rpcs --
     def Hello(self, request, context):  # noqa: N802 (gRPC method names)
         cid = self._authenticate(context)
+        if isinstance(request, _Corrupt) or request.protocol_version != serde.VERSION:
+            spoken = "an unreadable version" if isinstance(request, _Corrupt) else \
+                f"protocol version {request.protocol_version}"
+            log.warning("client %s speaks %s; refused (this server speaks %d)", cid, spoken, serde.VERSION)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"protocol_version: the client speaks {spoken}, this server speaks protocol version "
+                          f"{serde.VERSION} (run the same splitcom version on both sides)")
         try:
             reply = pb.HelloReply(**self.coord.hello(cid))
         except Rejected as err:
@@ -302,6 +321,7 @@ class SplitComService:
             if isinstance(request, _Corrupt):
                 log.warning("client %s: corrupt step envelope (%s); ending its stream", cid, request.reason)
                 self.counters.wire.add(Stream.control, "up", request.size)
+                self.counters.reject("INVALID_ARGUMENT envelope", request.size)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"envelope: not a valid StepRequest ({request.reason})")
             call = self._call("Step", cid, request, context)
             if call.status is None and call.header.type == LABELS:

@@ -4,6 +4,7 @@ SplitClient, upload, download; rejoin after a drop or a server restart."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import threading
 import time
@@ -17,6 +18,7 @@ from splitcom.federation.deploy.plan import (
     PREPARE_LOCK,
     AuthFailure,
     DeployError,
+    VersionMismatch,
     batches_per_client,
     check_deployable,
     client_cuts,
@@ -51,6 +53,7 @@ class ClientOptions:
     device: str | None = None  # overrides train.device
     reconnect_s: float = 120.0  # how long to keep trying to reach a server that went away
     heartbeat_s: float = 10.0
+    state_dir: str | None = None  # where the optimizer state of each round's start survives a restart
 
 
 COUNTERS = ("tokens_forwarded", "sent_full", "sent_reuse", "bytes_saved")
@@ -81,8 +84,11 @@ class ClientDriver:
         """Fetch the run config from the server and prepare model, data and SplitClient."""
         try:
             self._prepare(self._retry(self.conn.hello))
+            self._load_snaps()
         except AuthRefused as err:
             raise AuthFailure(f"the server refused client {self.cid}: {err}") from None
+        except Dropped as err:  # FAILED_PRECONDITION on Hello: a protocol this server does not speak
+            raise VersionMismatch(f"the server refused client {self.cid}: {err}") from None
 
     def run(self) -> dict:
         try:
@@ -146,7 +152,37 @@ class ClientDriver:
                                 "same dataset, config and seed)", where=self.opts.data or "data.dataset")
             self.sc = make_client(s, self.cid, client_cuts(s)[self.cid], self.channel)
         self.cfg, self.s = cfg, s
+        self._run_id = hashlib.sha256(hello.config_yaml.encode() + hello.partition_digest).hexdigest()
         self.plan = round_plan(cfg.train.epochs, max(batches_per_client(s)), cfg.federation.aggregate_every)
+
+    def _state_file(self):
+        from pathlib import Path
+
+        return None if self.opts.state_dir is None else Path(self.opts.state_dir) / f"client-{self.cid}.pt"
+
+    def _save_snaps(self) -> None:
+        """The round-start optimizer states to --state-dir (atomically), so a restarted process replays a
+        round exactly as a surviving one does; tagged with the run (config and this client's partition)."""
+        path = self._state_file()
+        if path is not None:
+            from splitcom.runlog import atomic_save
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_save({"run": self._run_id, "snaps": self.snaps}, path)
+
+    def _load_snaps(self) -> None:
+        import torch
+
+        path = self._state_file()
+        if path is None or not path.is_file():
+            return
+        saved = torch.load(path, weights_only=True)
+        if saved.get("run") != self._run_id:
+            log.warning("client %d: %s holds the state of another run (other config or data); not used", self.cid,
+                        path)
+            return
+        self.snaps = saved["snaps"]
+        log.info("client %d: optimizer state of round(s) %s from %s", self.cid, sorted(self.snaps), path)
 
     def _counters(self) -> dict:
         return {k: int(getattr(self.sc, k, 0)) for k in COUNTERS}
@@ -163,6 +199,10 @@ class ClientDriver:
             elif not fresh:
                 log.warning("client %d: rejoining at round %d with its current optimizer state (not an exact "
                             "replay of an uninterrupted run)", self.cid, start)
+            else:  # a new process joining a run past its start: its AdamW state is gone
+                log.warning("client %d: joining at round %d with an empty optimizer state: the run will not end "
+                            "bit-identical to an uninterrupted one (pass --state-dir to keep the state across "
+                            "client restarts)", self.cid, start)
             if start == 0:
                 sc.bank.load(sc.adapter, sc.bank.state(GLOBAL, range(sc.cut)))
                 sc.hold()  # the server's mirror of a client starts from the global adapter too
@@ -180,6 +220,7 @@ class ClientDriver:
         spec, sc = self.plan[r], self.sc
         self.snaps = {k: v for k, v in self.snaps.items() if k >= r - 1}
         self.snaps[r] = copy.deepcopy(sc.optimizer.state_dict())
+        self._save_snaps()
         self.cur_round, self.pushed = r, False
         sc.threshold = self.threshold
         if spec.epoch not in self._batches:
@@ -200,6 +241,9 @@ class ClientDriver:
                                       "cache_bytes": int(sc.cache_bytes)}
         sc.push_adapters(r)
         self.pushed, self.last_pushed = True, now
+        if self.opts.state_dir is not None:  # the end of round r is the start of r + 1, if we die before it
+            self.snaps[r + 1] = copy.deepcopy(sc.optimizer.state_dict())
+            self._save_snaps()
         sc.pull_adapters(r)
         self.threshold = thresholds_of(self.channel.last_pull)
         log.info("client %d: round %d done (%d steps, mean loss %s)", self.cid, r, len(losses),

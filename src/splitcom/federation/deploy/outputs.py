@@ -24,8 +24,8 @@ def save_checkpoint(self, t0: float) -> None:
         "stats": {cid: dict(vars(st)) for cid, st in self.stats.items()},
         "reuse": self.reuse.state_dict(),
         "counters": {name: getattr(self.counters, name).state_dict() for name in ("serde", "wire")},
-        "grpc_bytes": dict(self.counters.grpc),
-        "metrics_bytes": (self.out / "metrics.jsonl").stat().st_size,
+        "grpc_bytes": dict(self.counters.grpc), "rejected_bytes": dict(self.counters.rejected),
+        "metrics_bytes": self.log.size, "pending": self.log.pending,
     }
     atomic_save(state, self.out / CHECKPOINT)
 
@@ -50,7 +50,9 @@ def load_checkpoint(self) -> None:
     for name, rows in st["counters"].items():
         getattr(self.counters, name).load_state_dict(rows)
     self.counters.grpc.update(st["grpc_bytes"])
+    self.counters.rejected.update(st.get("rejected_bytes", {}))
     self.metrics_bytes = st["metrics_bytes"]  # RunLog keeps the log up to here
+    self.pending_replay = st.get("pending", [])  # and writes again the events that came after it
     if self.cfg.compression.temporal.enabled:
         log.warning("resuming with temporal reuse: its caches restart empty, so the result is correct but "
                     "not bit-identical to an uninterrupted run")
@@ -95,6 +97,7 @@ def summary(self, t0: float) -> dict:
         "wire_bytes_up": wire.up, "wire_bytes_down": wire.down, "wire_bytes_by_stream": wire.by_stream(),
         "envelope_bytes": wire.up + wire.down - serde_c.up - serde_c.down,
         "grpc_message_bytes": dict(self.counters.grpc),
+        "rejected_bytes": dict(sorted(self.counters.rejected.items())),
         "dropped": self.drops, "resumed_at_rounds": self.resumed_at,
     }
 

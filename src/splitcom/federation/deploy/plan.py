@@ -98,3 +98,9 @@ class AuthFailure(DeployError):
     exit_code = 3
 
 
+class VersionMismatch(DeployError):
+    """The server does not speak this client's protocol version: nothing to retry."""
+
+    exit_code = 2
+
+

@@ -76,13 +76,13 @@ class ServerDriver(Coordination):
         self.resumed_at: list[int] = []
         self.turns_served, self.wall_before, self.join_timeout_s = 0, 0.0, None
         self.est = {k: {} for k in ("forward", "service", "tail")}
-        self.next_round, self.metrics_bytes = 0, None  # (load_checkpoint sets both)
+        self.next_round, self.metrics_bytes, self.pending_replay = 0, None, None  # (load_checkpoint sets them)
         if resume:
             load_checkpoint(self)
         else:
             (self.out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         self.released = self.next_round - 1  # pulls for rounds <= released are answered
-        self.log = RunLog(self.out / "metrics.jsonl", keep_bytes=self.metrics_bytes)
+        self.log = RunLog(self.out / "metrics.jsonl", keep_bytes=self.metrics_bytes, replay=self.pending_replay)
 
     def _message_limit(self) -> int:
         """Twice the largest legitimate message of this run (fp32 activations of a full batch, the
@@ -323,18 +323,21 @@ class ServerDriver(Coordination):
                 if not any(self.members.get(c) and self.members[c].alive for c in (rnd.pushed & rnd.active) - rnd.pulled):
                     break
                 self.cond.wait(0.25)
-        self.log.write("round", round=spec.index + 1, epoch=spec.epoch, clients=sorted(rnd.pushed),
+        # the round's events wait for its checkpoint (RunLog.defer): a crash between them never leaves
+        # metrics.jsonl claiming a round that --resume cannot find
+        self.log.defer("round", round=spec.index + 1, epoch=spec.epoch, clients=sorted(rnd.pushed),
                        dropped=sorted(rnd.dropped), **self.counters.serde.snapshot())
         log.info("round %d done: %d uploads, dropped %s", spec.index, len(rnd.pushed), sorted(rnd.dropped) or "none")
         if spec.ends_epoch:
-            self.log.write("eval", epoch=spec.epoch, val_loss=val_loss, val_ppl=val_ppl, **self.counters.serde.snapshot(),
+            self.log.defer("eval", epoch=spec.epoch, val_loss=val_loss, val_ppl=val_ppl, **self.counters.serde.snapshot(),
                            wall_s=self.wall_before + time.perf_counter() - t0)
-            self.log.write("reuse", **reuse_record)
+            self.log.defer("reuse", **reuse_record)
             log.info("epoch %d: val loss %.4f (ppl %.2f)", spec.epoch, val_loss, val_ppl)
             self.val_losses.append(val_loss)
             self.train_losses.append(sum(self.losses) / len(self.losses) if self.losses else float("nan"))
             self.s.bank.model.save_pretrained(str(self.out / "adapter"), selected_adapters=[GLOBAL])
         save_checkpoint(self, t0)
+        self.log.commit()
 
     def _validate(self, epoch: int, t0: float) -> float:
         loss, ppl = self.server.evaluate(self.s.val, self.cfg.train.eval_batch_size, self.s.pad_id)
