@@ -170,7 +170,7 @@ def plot(rows: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--points", nargs="*", help="only these points (default: all, in order)")
+    ap.add_argument("--points", nargs="*", help="only these points, in this order (default: all)")
     ap.add_argument("--report-only", action="store_true", help="rewrite the md and png from privacy.json")
     args = ap.parse_args()
     if not (E2E / "trainset.csv").is_file():
@@ -179,7 +179,11 @@ def main() -> None:
     torch.set_num_threads(1)
     store = RESULTS / "privacy.json"
     rows: dict = json.loads(store.read_text()) if store.is_file() else {}
-    todo = {k: v for k, v in points().items() if not args.points or k in args.points}
+    every = points()
+    unknown = [k for k in args.points or [] if k not in every]
+    if unknown:
+        sys.exit(f"unknown point(s) {', '.join(unknown)}; known: {', '.join(every)}")
+    todo = {k: every[k] for k in args.points} if args.points else every  # in the order given
     for name, p in todo.items():
         if args.report_only or name in rows:
             continue

@@ -318,7 +318,8 @@ class PrivacyCfg(_Strict):
     noise: float = Field(
         0.0, description="Gaussian noise on act_up, added on the client before the codec and temporal reuse: "
         "per token, std noise * ||x_t|| / sqrt(H) per value after clipping (so `noise` is the noise-to-signal "
-        "norm ratio of a token); 0: off. Both the server's training and what it can reconstruct see it.")
+        "norm ratio of a token); 0: off. Both the server's training and what it can reconstruct see it. SFL only: "
+        "the centralized baseline has no wire and ignores it.")
     clip: float | None = Field(
         None, gt=0, description="Clip each act_up token's L2 norm to this before the noise (None: no clipping); "
         "the noise scales with the clipped norm.")
