@@ -113,7 +113,9 @@ def markdown(rows: dict) -> str:
              "| point | cut | codec/reuse | noise | val ppl | ppl cost | reuse | learned prompt acc / ROUGE-L / BLEU "
              "| learned completion acc / ROUGE-L / BLEU | optim. prompt acc / ROUGE-L | optim. completion acc / "
              "ROUGE-L | train + audit s |", "|" + "---|" * 11]
-    for name, r in rows.items():
+    order = sorted(rows.items(), key=lambda kv: (bool(kv[1].get("ushape")), kv[1]["variant"] != "fp32",
+                                                 kv[1]["variant"], kv[1]["cut"], kv[1]["noise"]))
+    for name, r in order:
         c = cost(r, rows)
         lines.append(
             f"| {name} | {r['cut']} | {r['variant']} | {r['noise']:g} | {r['val_ppl']:.3f} | "
@@ -132,6 +134,18 @@ def markdown(rows: dict) -> str:
                   f"{_f(_g(r, 'act_down', 'learned', 'completion', 'token_acc'))}); on act_up: completion "
                   f"ROUGE-L {_f(_g(r, 'act_up', 'learned', 'completion', 'rouge_l'))}. Labels never cross the wire, "
                   "but the completion's tokens are inputs of the head, so act_up carries them like the prompt."]
+    lines += ["", "Per cut and variant: the most noise measured within 5 % val ppl, and what the best attack still "
+              "reads of the prompt there (ROUGE-L).", ""]
+    groups: dict[tuple, list] = {}
+    for r in rows.values():
+        groups.setdefault((r["cut"], r["variant"], bool(r.get("ushape"))), []).append(r)
+    for (cut, variant, ushape), rs in sorted(groups.items()):
+        cheap = [r for r in rs if (c := cost(r, rows)) is not None and c <= 0.05]
+        best = max(cheap, key=lambda r: r["noise"]) if cheap else None
+        lines.append(f"- cut {cut} {variant}{' U-shape' if ushape else ''}: " + (
+            "no point within 5 %" if best is None else
+            f"noise {best['noise']:g} ({cost(best, rows):+.1%} ppl): prompt ROUGE-L {worst_prompt_rouge(best):.3f}")
+            + f" (noise levels measured: {', '.join(f'{x:g}' for x in sorted(r['noise'] for r in rs))})")
     ok = [n for n, r in rows.items() if worst_prompt_rouge(r) < 0.2 and (c := cost(r, rows)) is not None and c <= 0.05]
     lines += ["", "Goal (prompt ROUGE-L below 0.2 for both attacks at <= 5 % val ppl cost): "
               + (f"met by {', '.join(ok)}." if ok else "no measured setting meets it."), ""]
