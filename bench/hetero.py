@@ -27,10 +27,10 @@ from pathlib import Path
 import psutil
 
 from splitcom.config import build_config, load_config
-from splitcom.federation.clock import SimClock
-from splitcom.federation.schedule import MAX_EXACT, make_schedule, simulate
 from splitcom.federation.setup import prepare
 from splitcom.federation.simulation import build_sfl, run
+from splitcom.fleet.clock import SimClock
+from splitcom.fleet.schedule import MAX_EXACT, make_schedule, simulate
 from splitcom.transport.counters import ByteCounter
 
 warnings.filterwarnings("ignore")

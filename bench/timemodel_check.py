@@ -4,7 +4,7 @@
 
 For each cut: the measured seconds of the client's head forward, the server's body forward + backward
 (with the loss) and the client's head backward, on real batches, against the time model's prediction
-for the `cpu-2core` profile (whose FLOP/s is itself a measured sgemm rate, see federation/devices.py).
+for the `cpu-2core` profile (whose FLOP/s is itself a measured sgemm rate, see fleet/devices.py).
 Prints the relative error of each phase and of the whole step.
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from splitcom.config import build_config
-from splitcom.federation.clock import SimClock
 from splitcom.federation.setup import prepare
+from splitcom.fleet.clock import SimClock
 from splitcom.models.split import causal_lm_loss, pad, unpad
 
 warnings.filterwarnings("ignore")

@@ -29,7 +29,8 @@ import torch
 
 from splitcom.compress.codecs import get_codec
 from splitcom.config import build_config
-from splitcom.federation.deploy import ClientDriver, ClientOptions, ServerDriver
+from splitcom.deploy.client import ClientDriver, ClientOptions
+from splitcom.deploy.server import ServerDriver
 from splitcom.federation.setup import prepare
 from splitcom.federation.simulation import build_sfl
 from splitcom.protocol import serde

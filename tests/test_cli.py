@@ -32,6 +32,7 @@ def _err(result):
     (["--set", "model.lora.cut_rank=2", "--set", "federation.server_adapters=shared"],
      "model.lora.cut_rank, federation.server_adapters"),
     (["--resume"], "checkpoint.pt"),
+    (["--set", "compression.codec=int9"], "compression.codec: Input should be 'fp32'"),  # no union tag in the key
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     text = _err(runner.invoke(app, ["run", *FAST, *args, "--out", str(tmp_path)]))
@@ -71,6 +72,45 @@ def test_out_is_never_overwritten_silently(tmp_path):
     assert "interrupted run" in _err(runner.invoke(app, ["run", *FAST, "--out", str(out)]))
     again = runner.invoke(app, ["run", *FAST, "--set", "train.seed=1", "--out", str(out), "--force"])
     assert again.exit_code == 0, again.output
+
+
+def test_progress_without_a_terminal_is_one_line_per_epoch(tmp_path):
+    """Output to a file or a CI log (not a terminal): a plain line per epoch as it ends, with the losses, the
+    bytes up and down, reuse and the elapsed time."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.txt"
+    with log.open("w") as fh:
+        subprocess.run([sys.executable, "-m", "splitcom.cli", "run", *FAST, "--set", "train.epochs=2", "--out",
+                        str(tmp_path / "run")], stdout=fh, stderr=subprocess.STDOUT, check=True, timeout=300)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"], log.read_text()
+    for word in ("train loss", "val loss", "ppl", "up", "down", "reuse"):
+        assert word in lines[0], word
+
+
+def test_unknown_model_fails_at_once_listing_the_aliases(tmp_path, monkeypatch):
+    """Not an alias, a directory or an org/name id: exit 2 at once (no Hub call), the aliases listed (the
+    brackets of an earlier message were eaten as markup); an org/name id offline, not cached: exit 2 fast."""
+    from splitcom.models import load
+
+    calls = []
+    real = load._from_pretrained
+    monkeypatch.setattr(load, "_from_pretrained", lambda where, local_only: calls.append((where, local_only)) or
+                        real(where, local_only))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", "model.name=smollm3", "--out", str(tmp_path / "a")]))
+    assert "model.name" in text and "smollm2-135m, tiny-gpt2, tiny-llama" in text and "org/name" in text
+    assert calls == []  # nothing was asked of transformers or the Hub
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", "model.name=nobody/no-such-model-xyz",
+                                    "--out", str(tmp_path / "b")]))
+    assert "HF_HUB_OFFLINE" in text and "tiny-llama" in text
+    assert calls == [("nobody/no-such-model-xyz", True)]  # the local HF cache only: offline means offline
+    (tmp_path / "empty").mkdir()
+    text = _err(runner.invoke(app, ["run", *FAST, "--set", f"model.name={tmp_path / 'empty'}",
+                                    "--out", str(tmp_path / "c")]))
+    assert "not a loadable HF model directory" in text
 
 
 def test_score_cli(tmp_path):

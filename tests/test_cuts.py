@@ -3,9 +3,9 @@ import math
 import pytest
 
 from splitcom.errors import UserError
-from splitcom.federation.cuts import adaptive_cuts, memory_fit, memory_limits
-from splitcom.federation.devices import DeviceProfile, resolve_devices
-from splitcom.federation.timemodel import ArchSpec, client_memory_bytes
+from splitcom.fleet.cuts import adaptive_cuts, memory_fit, memory_limits
+from splitcom.fleet.devices import DeviceProfile, resolve_devices
+from splitcom.fleet.timemodel import ArchSpec, client_memory_bytes
 
 LLAMA = ArchSpec("llama", n_layers=4, hidden=8, intermediate=16, n_heads=2, n_kv_heads=1, vocab=10, seq_len=4)
 # SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 kv heads, vocab 49152).

@@ -16,7 +16,9 @@ import yaml
 from safetensors.torch import load_file
 
 from splitcom.config import build_config
-from splitcom.federation.deploy import ClientDriver, ClientOptions, ServerDriver, round_plan
+from splitcom.deploy.client import ClientDriver, ClientOptions
+from splitcom.deploy.plan import round_plan
+from splitcom.deploy.server import ServerDriver
 from splitcom.federation.simulation import run as run_sim
 from splitcom.runlog import read_metrics
 
@@ -316,6 +318,32 @@ def test_in_process_deployment(tmp_path, over, exact):
         assert dep["val_loss"] < dep["initial_val_loss"] and dep["schedule"] == "longest_tail_first"
 
 
+def test_deployment_summary_has_simulations_keys_and_transfers(tmp_path):
+    """A deployed run writes what `splitcom run` writes but the simulated clock; the senders' counters
+    (transfers_by_stream: the clients report theirs with each upload) and reuse ratios by stream equal
+    simulation's, in U-shape with reuse, residual refreshes and shared prefixes on the streams."""
+    tree = _setup(tmp_path)
+    tree["split"].update({"mode": "ushape", "cut_layer": 1, "tail_layers": 1})
+    tree["train"]["epochs"] = 3
+    tree["compression"] = {"codec": "int8", "grad_codec": "int8", "prefix": True, "entropy": "zstd",
+                           "temporal": {"enabled": True, "refresh": "delta",
+                                        "threshold": {"act_up": 0.99, "act_down": 0.3, "grad_up": 0.99, "grad_down": 0.3},
+                                        "streams": ["act_up", "act_down", "grad_up", "grad_down"]}}
+    address, server = _inproc_server(tree, tmp_path / "deploy")
+    clients = [_thread_client(address, cid) for cid in range(3)]
+    dep = server.join()
+    assert [c.join()["rejected_steps"] for c in clients] == [0, 0, 0]
+    sim = _sim(tree, tmp_path / "sim")
+    assert set(sim) - set(dep) == {"simulated_s", "simulated_s_by_epoch", "makespan_per_step_s", "devices"}
+    assert dep["transfers_by_stream"] == sim["transfers_by_stream"]
+    assert set(sim["transfers_by_stream"]) == {"act_up", "act_down", "grad_up", "grad_down"}
+    assert all(t["reuse"] > 0 for t in sim["transfers_by_stream"].values())
+    assert sim["transfers_by_stream"]["act_up"]["delta"] > 0 and sim["transfers_by_stream"]["grad_up"]["delta"] > 0
+    assert sim["transfers_by_stream"]["act_up"]["prefix_rows_shared"] > 0
+    assert dep["reuse_ratio_by_stream"] == sim["reuse_ratio_by_stream"]
+    assert dep["bytes_by_stream"] == sim["bytes_by_stream"] and _adapters_equal(tmp_path / "deploy", tmp_path / "sim")
+
+
 def test_round_plan_is_simulations_aggregation_points():
     """Every `every` step indices, restarting each epoch, and at each epoch end (simulation.run)."""
     plan = round_plan(2, 5, 2)
@@ -328,7 +356,7 @@ def test_round_plan_is_simulations_aggregation_points():
 
 
 def test_server_generates_tokens_readable_by_owner_only(tmp_path):
-    from splitcom.cli_deploy import _tokens
+    from splitcom.deploy.cli import _tokens
 
     tokens = _tokens(None, tmp_path, 3)
     assert sorted(tokens) == [0, 1, 2] and len(set(tokens.values())) == 3

@@ -22,7 +22,7 @@ from splitcom.errors import UserError
 def test_resumed_server_keeps_the_tokens_it_was_started_with(tmp_path):
     """Started with --tokens FILE, resumed without it: the tokens of FILE, nothing minted; FILE gone: exit 2
     saying to pass --tokens again. Started without --tokens: the generated OUT/tokens.yaml again."""
-    from splitcom.cli_deploy import _tokens
+    from splitcom.deploy.cli import _tokens
 
     given = tmp_path / "mine.yaml"
     given.write_text(yaml.safe_dump(TOKENS))

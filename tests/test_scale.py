@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_cfg
 
 from splitcom.errors import UserError
-from splitcom.federation.setup import prepare
-from splitcom.federation.simulation import build_sfl, make_client, run
+from splitcom.federation.setup import make_client, prepare
+from splitcom.federation.simulation import build_sfl, run
 from splitcom.models.adapters import GLOBAL, SLOT
 from splitcom.models.split import layer_index
 from splitcom.transport.counters import ByteCounter

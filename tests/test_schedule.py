@@ -3,8 +3,8 @@ import random
 import pytest
 
 from splitcom.errors import UserError
-from splitcom.federation.devices import resolve_devices
-from splitcom.federation.schedule import (
+from splitcom.fleet.devices import resolve_devices
+from splitcom.fleet.schedule import (
     MAX_EXACT,
     SCHEDULES,
     Exact,
@@ -19,7 +19,7 @@ from splitcom.federation.schedule import (
     optimal_order,
     simulate,
 )
-from splitcom.federation.timemodel import ArchSpec, step_times
+from splitcom.fleet.timemodel import ArchSpec, step_times
 
 DYNAMIC = [Fifo, LongestTailFirst, lambda: RandomPick(7)]
 

@@ -1,8 +1,8 @@
 import pytest
 
 from splitcom.errors import UserError
-from splitcom.federation.devices import DeviceProfile
-from splitcom.federation.timemodel import (
+from splitcom.fleet.devices import DeviceProfile
+from splitcom.fleet.timemodel import (
     ArchSpec,
     activation_bytes,
     arch_from_hf_config,

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from splitcom.errors import UserError
 
@@ -22,7 +23,7 @@ def _group() -> None:
 
 
 def _fail(err: UserError) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
     raise typer.Exit(err.exit_code)
 
 
@@ -91,7 +92,7 @@ app.command("export")(export_cmd)
 
 
 from splitcom.cli_audit import audit_cmd  # noqa: E402
-from splitcom.cli_deploy import client_cmd, server_cmd  # noqa: E402
+from splitcom.deploy.cli import client_cmd, server_cmd  # noqa: E402
 
 app.command("server")(server_cmd)
 app.command("client")(client_cmd)

@@ -369,9 +369,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+_UNION_TAGS = {"float", "int", "str", "bool", "none", "list", "dict"}
+
+
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
+    # a union's members add tags to the location (`literal['fp32',...]`, `dict[str,...]`, `float`): the user
+    # wrote a key, so name the key
+    key = ".".join(str(p) for p in first["loc"] if not ("[" in str(p) or str(p) in _UNION_TAGS))
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown config key"
     got = first.get("input")

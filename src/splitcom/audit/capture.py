@@ -2,8 +2,8 @@
 
 The audit must attack the tensors a server really holds, not the floats before the wire: the client's
 noise (``privacy``), codec, temporal reuse and prompt prefixes all change them. So capture builds the
-client's act_up ``Outgoing`` and the server's ``Incoming`` from the run's config with the same factory the
-run uses (``stream_ends``), sends every batch through serde bytes, and keeps the rows the server's
+client's act_up ``Outgoing`` and the server's ``Incoming`` from the run's stream plan with the same factory
+the run uses (``stream_plan``, ``stream_ends``), sends every batch through serde bytes, and keeps the rows the server's
 receiving end decodes. With temporal reuse on, the samples go through ``passes`` times and the rows are
 what the server holds after the last pass (a REUSE hands it its cached copy).
 """
@@ -16,6 +16,7 @@ import torch
 
 from splitcom.compress.noise import act_noise
 from splitcom.compress.pipeline import stream_ends
+from splitcom.compress.plan import stream_plan
 from splitcom.data.tokenize import Sample, collate
 from splitcom.federation.client import prompt_length
 from splitcom.models.split import SplitModel, pad, unpad
@@ -36,11 +37,8 @@ class Captured:
 
 def act_up_ends(cfg, hidden: int, client_id: int = 0):
     """The client's act_up sender, the server's act_up receiver and the client's noise, as the run builds them."""
-    c = cfg.compression
-    out, _ = stream_ends(c.temporal, c.codec, c.grad_codec, hidden, cfg.train.seed, [Stream.act_up], [],
-                         prefix=c.prefix, entropy=c.entropy)
-    _, inc = stream_ends(c.temporal, c.codec, c.grad_codec, hidden, cfg.train.seed, [], [Stream.act_up],
-                         prefix=c.prefix, entropy=c.entropy)
+    out, _ = stream_ends(stream_plan(cfg, "client"), hidden)
+    _, inc = stream_ends(stream_plan(cfg, "server"), hidden)
     return out[Stream.act_up], inc[Stream.act_up], act_noise(cfg.privacy, cfg.train.seed, client_id)
 
 

@@ -3,7 +3,7 @@
 ``Outgoing`` turns per-sample ``[T_i, H]`` rows into FULL/REUSE ``SampleTensor`` records;
 ``Incoming`` turns a received ``TensorMsg`` back into rows, substituting cached tensors for REUSE.
 Each side of each stream owns one (the client sends act_up and, in U-shape, grad_up; the server
-sends grad_down and, in U-shape, act_down).
+sends grad_down and, in U-shape, act_down), built from that stream's plan (compress/plan.py).
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 
 from splitcom.compress.codecs import get_codec
+from splitcom.compress.plan import SidePlan, StreamPlan
 from splitcom.compress.prefix import PrefixSender, PrefixStore
 from splitcom.compress.temporal import TemporalReceiver, TemporalSender, projection
-from splitcom.config import stream_value
 from splitcom.errors import ProtocolError
 from splitcom.protocol import serde
 from splitcom.protocol.messages import PrefixRef, SampleTensor, Stream, TensorMsg
 
+TRANSFER_KEYS = ("full", "reuse", "delta", "delta_bytes", "prefix_rows_shared", "prefix_bytes_saved", "cache_bytes")
 PREFIX_BYTES = serde.PREFIX.size  # ref_key u64 | ref_len u32 | own_key u64 | own_len u32
 
 
@@ -27,27 +28,32 @@ class Outgoing:
     prefix only (``prefix``). It mirrors what the receiver holds (``held``) wherever a later decision
     needs it: the sample's tensor for DELTA, a key's rows for PREFIX, the summary for ``decoded``."""
 
-    def __init__(self, stream: Stream, codec: str, hidden: int, *, reuse: bool = False, projection_dim: int = 16,
-                 seed: int = 0, max_reuse_streak: int | None = None, threshold: float = 1.0,
-                 summary_of: str = "source", refresh: str = "full", delta_codec: str = "int4",
-                 prefix: bool = False, entropy: str = "none", store: str = "memory", directory: str | None = None):
+    def __init__(self, stream: Stream, codec: str, hidden: int, *, directory: str | None = None, **knobs):
+        """``knobs``: the other fields of a ``StreamPlan``; ``directory``: where a disk ``store`` keeps the
+        mirror of DELTA refreshes."""
+        self.plan = p = StreamPlan(stream, codec, **knobs)
         self.stream, self.codec, self.hidden = stream, get_codec(codec), hidden
-        self.sender = TemporalSender(hidden, projection_dim, seed, stream.name, max_reuse_streak) if reuse else None
-        self.threshold = threshold
+        self.sender = TemporalSender(hidden, p.projection_dim, p.seed, stream.name, p.max_reuse_streak) \
+            if p.reuse else None
+        self.threshold = p.threshold
         # `source`: summarise the tensor before the codec, so a lossy codec's own error is not taken for
         # drift (it is there whether or not we resend); `decoded`: summarise what the receiver holds.
-        self.summary_of = summary_of
-        self.delta_codec = get_codec(delta_codec)
+        self.summary_of = p.summary_of
+        self.delta_codec = get_codec(p.delta_codec)
         # the receiver's copy of every sample, kept exactly (needed only to code residuals against it)
-        self.mirror = TemporalReceiver(store, directory) if reuse and refresh == "delta" else None
-        self.prefix = PrefixSender() if prefix else None
+        self.mirror = TemporalReceiver(p.store, directory) if p.reuse and p.refresh == "delta" else None
+        self.prefix = PrefixSender() if p.prefix else None
         # the prefix test's projection: the reuse sender's, or (prefix sharing without reuse) its own
         self._R = self.sender.R if self.sender is not None else \
-            projection(hidden, min(projection_dim, hidden), seed, stream.name) if prefix else None
-        self.entropy = entropy
+            projection(hidden, min(p.projection_dim, hidden), p.seed, stream.name) if p.prefix else None
+        self.entropy = p.entropy
         self.sent_full = self.sent_reuse = self.sent_delta = 0
         self.bytes_saved = 0  # payload bytes not sent thanks to REUSE, DELTA and shared prefixes
         self.delta_bytes = self.prefix_bytes_saved = 0
+
+    @classmethod
+    def of(cls, plan: StreamPlan, hidden: int, directory: str | None = None) -> Outgoing:
+        return cls(hidden=hidden, directory=directory, **vars(plan))
 
     def _summarize(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, r]
         return x.detach().to("cpu", torch.float32) @ self._R
@@ -128,9 +134,22 @@ class Outgoing:
         return self.sent_reuse / max(self.sent_full + self.sent_reuse, 1)
 
     def counts(self) -> dict[str, int]:
+        """TRANSFER_KEYS: samples sent FULL, REUSE, DELTA; DELTA bytes; prefix rows shared and bytes saved;
+        the sender's cache bytes."""
         return {"full": self.sent_full - self.sent_delta, "reuse": self.sent_reuse, "delta": self.sent_delta,
                 "delta_bytes": self.delta_bytes, "prefix_rows_shared": self.prefix.rows_shared if self.prefix else 0,
                 "prefix_bytes_saved": self.prefix_bytes_saved, "cache_bytes": self.cache_bytes}
+
+
+def add_counts(*parts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Sum counters by stream (``counts()`` of several ends, or of several sides' ends), streams sorted."""
+    out: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for stream, counts in part.items():
+            acc = out.setdefault(stream, {})
+            for k, v in counts.items():
+                acc[k] = acc.get(k, 0) + v
+    return dict(sorted(out.items()))
 
 
 _COUNTS = ("sent_full", "sent_reuse", "bytes_saved", "sent_delta", "delta_bytes", "prefix_bytes_saved")
@@ -149,11 +168,18 @@ def set_end_counts(ends: dict, counts: dict[str, list[int]]) -> None:
 
 
 class Incoming:
-    def __init__(self, stream: Stream, hidden: int, *, reuse: bool = False, store: str = "memory",
-                 directory: str | None = None, prefix: bool = False):
+    """One receiving end: the codecs come with each message; the plan says whether REUSE and DELTA
+    (``reuse``, with the copies in ``store``) and shared prefixes may arrive."""
+
+    def __init__(self, stream: Stream, hidden: int, *, directory: str | None = None, **knobs):
+        self.plan = p = StreamPlan(stream, **knobs)
         self.stream, self.hidden = stream, hidden
-        self.receiver = TemporalReceiver(store, directory) if reuse else None
-        self.prefixes = PrefixStore() if prefix else None
+        self.receiver = TemporalReceiver(p.store, directory) if p.reuse else None
+        self.prefixes = PrefixStore() if p.prefix else None
+
+    @classmethod
+    def of(cls, plan: StreamPlan, hidden: int, directory: str | None = None) -> Incoming:
+        return cls(hidden=hidden, directory=directory, **vars(plan))
 
     def decode(self, msg: TensorMsg, sample_ids: list[int] | None = None) -> list[torch.Tensor | None]:
         """Rows of a message (None for SKIP); validates everything before any cache changes."""
@@ -207,26 +233,9 @@ class Incoming:
         return sum(0 if x is None else x.memory_bytes for x in (self.receiver, self.prefixes))
 
 
-def stream_ends(temporal, codec: str | dict, grad_codec: str | dict, hidden: int, seed: int, sends: list[Stream],
-                receives: list[Stream], cache_dir: str | None = None, *, prefix: bool = False,
-                entropy: str = "none") -> tuple[dict, dict]:
-    """The Outgoing/Incoming ends one side owns, with temporal reuse where the config asks for it and
-    prompt-prefix sharing on act_up (the only stream whose sender knows the tokens)."""
-    on = set(temporal.streams) if temporal is not None and temporal.enabled else set()
+def stream_ends(plan: SidePlan, hidden: int, cache_dir: str | None = None) -> tuple[dict, dict]:
+    """The Outgoing/Incoming ends of one side (``cache_dir``: where disk stores go, a folder per stream)."""
     where = lambda s, suffix="": None if cache_dir is None else f"{cache_dir}/{s.name}{suffix}"  # noqa: E731
-    def codec_of(s: Stream) -> str:  # a codec, or (config maps) stream -> codec with fp32 for the others
-        return stream_value(codec if s.name.startswith("act") else grad_codec, s.name, "fp32")
-
-    out = {s: Outgoing(s, codec_of(s), hidden, reuse=s.name in on,
-                       projection_dim=temporal.projection_dim if temporal else 16, seed=seed,
-                       max_reuse_streak=temporal.max_reuse_streak if temporal else None,
-                       threshold=temporal.threshold_of(s.name) if temporal else 1.0,
-                       summary_of=temporal.summary_of if temporal else "source",
-                       refresh=temporal.refresh if temporal else "full",
-                       delta_codec=temporal.delta_codec_of(s.name) if temporal else "int4",
-                       prefix=prefix and s == Stream.act_up, entropy=entropy,
-                       store=temporal.store if temporal else "memory", directory=where(s, "-mirror"))
-           for s in sends}
-    inc = {s: Incoming(s, hidden, reuse=s.name in on, store=temporal.store if temporal else "memory",
-                       directory=where(s), prefix=prefix and s == Stream.act_up) for s in receives}
+    out = {s: Outgoing.of(p, hidden, where(s, "-mirror")) for s, p in plan.sends.items()}
+    inc = {s: Incoming.of(p, hidden, where(s)) for s, p in plan.receives.items()}
     return out, inc

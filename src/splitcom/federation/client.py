@@ -13,6 +13,7 @@ import torch
 
 from splitcom.compress.adapter_delta import apply_delta, digest, same_layout
 from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
+from splitcom.compress.plan import SidePlan
 from splitcom.data.tokenize import IGNORE, Batch, Sample, collate
 from splitcom.errors import ProtocolError
 from splitcom.models.adapters import AdapterBank, adapter_optimizer, rank_caps
@@ -29,28 +30,25 @@ def prompt_length(labels: torch.Tensor) -> int:
 
 class SplitClient:
     def __init__(self, cid: int, split: SplitModel, bank: AdapterBank, cut: int, channel: Channel,
-                 samples: list[Sample], *, lr: float, weight_decay: float = 0.0, codec: str | dict = "fp32",
-                 grad_codec: str | dict = "fp32", batch_size: int = 8, pad_id: int = 0, seed: int = 0,
-                 device: torch.device | str = "cpu", temporal=None, tail_layers: int = 0,
-                 cut_rank: int | None = None, adapter_codec: str = "fp32", prefix: bool = False,
-                 entropy: str = "none", adapter_delta: str | None = None):
+                 samples: list[Sample], plan: SidePlan, *, lr: float, weight_decay: float = 0.0, batch_size: int = 8,
+                 pad_id: int = 0, seed: int = 0, device: torch.device | str = "cpu", tail_layers: int = 0,
+                 cut_rank: int | None = None):
+        """``plan``: the client side's stream plan (compress/plan.py); ``tail_layers``: U-shape's client tail."""
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.device = torch.device(device)
         self.ushape = tail_layers > 0
+        if self.ushape != (Stream.grad_up in plan.sends):
+            raise ValueError(f"tail_layers = {tail_layers} and the plan's streams disagree on U-shape")
         self.tail_start = split.num_layers - tail_layers  # k2: first block of the client's tail
         self.adapter = f"c{cid}"
         if self.adapter not in bank.names:
             bank.add_copy(self.adapter)
-        self.lr, self.weight_decay, self.cut_rank, self.adapter_codec = lr, weight_decay, cut_rank, adapter_codec
+        self.lr, self.weight_decay, self.cut_rank, self.plan = lr, weight_decay, cut_rank, plan
         self.set_cut(cut)
-        sends = [Stream.act_up] + ([Stream.grad_up] if self.ushape else [])
-        receives = [Stream.grad_down] + ([Stream.act_down] if self.ushape else [])
-        self.out, self.inc = stream_ends(temporal, codec, grad_codec, split.hidden_size, seed, sends, receives,
-                                         prefix=prefix, entropy=entropy)
-        self.prefix, self.entropy = prefix, entropy
+        self.out, self.inc = stream_ends(plan, split.hidden_size)
         # adapter deltas: the adapter state this client holds as the server knows it (compress/adapter_delta.py)
-        self.adapter_delta, self.held, self.held_digest = adapter_delta, None, 0
+        self.adapter_delta, self.held, self.held_digest = plan.adapter_delta, None, 0
         self.hold()
         self.labels_sent: set[int] = set()  # standard mode: the server caches labels, each goes up once
         self.tokens_forwarded = 0
@@ -107,12 +105,12 @@ class SplitClient:
             new = {sid: batch.labels[i, :n].tolist() for i, (sid, n) in enumerate(zip(sids, lengths, strict=True))
                    if sid not in self.labels_sent}
             if new:
-                self.channel.send(LabelsMsg(self.cid, step, new, self.entropy))
+                self.channel.send(LabelsMsg(self.cid, step, new, self.plan.entropy))
                 self.labels_sent.update(new)
         # per sample [T_i, H]: no padding on the wire
         # prompt token ids per sample (the leading positions whose label is IGNORE), for prefix sharing
         prompts = [tuple(batch.input_ids[i, : prompt_length(batch.labels[i])].tolist()) for i in range(len(sids))] \
-            if self.prefix else None
+            if self.plan.sends[Stream.act_up].prefix else None
         rows = unpad(h.detach(), lengths)
         if self.noise is not None:  # the defence: before the codec and reuse, so they see what the server sees
             rows = self.noise(rows)
@@ -146,6 +144,10 @@ class SplitClient:
     def bytes_saved(self) -> int:
         return self.out[Stream.act_up].bytes_saved
 
+    def stream_counts(self) -> dict[str, dict[str, int]]:
+        """Per stream this client sends, its end's counters (Outgoing.counts)."""
+        return {st.name: e.counts() for st, e in self.out.items()}
+
     @property
     def cache_bytes(self) -> int:
         held = sum(t.numel() * t.element_size() for t in self.held.values()) if self.held else 0
@@ -169,12 +171,12 @@ class SplitClient:
             self.hold(st["held"])
 
     def push_adapters(self, round_: int) -> None:
-        state, codec, base = self.bank.state(self.adapter, self.layers), self.adapter_codec, 0
+        state, codec, base = self.bank.state(self.adapter, self.layers), self.plan.adapters.codec, 0
         if self.held is not None and same_layout(state, self.held):  # adapter deltas: the change since the pull
             state = {n: t - self.held[n] for n, t in state.items()}
             codec, base = self.adapter_delta, self.held_digest
         self.channel.send(AdapterMsg(Stream.adapters_up, self.cid, round_, float(self.num_samples), state,
-                                     self.cut, codec, self.entropy, base))
+                                     self.cut, codec, self.plan.entropy, base))
 
     def pull_adapters(self, round_: int) -> None:
         """Load the global adapter for this client's blocks; when the server moved the cut (adaptive cuts),

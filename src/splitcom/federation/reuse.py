@@ -1,11 +1,12 @@
 """Per-epoch bookkeeping of temporal reuse and the threshold controller that sets the next epoch's
-threshold (compress/control.py). Kept out of the rounds loop so the loop stays readable."""
+threshold (compress/control/). Kept out of the rounds loop so the loop stays readable."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from splitcom.compress.control import IntervalStats, make_controller
+from splitcom.compress.pipeline import add_counts
 from splitcom.config import TemporalCfg
 from splitcom.errors import UserError
 
@@ -88,25 +89,14 @@ class ReuseControl:
 
     def by_stream(self) -> dict[str, float]:
         """Reuse ratio of every tensor stream, whichever side sends it."""
-        counts: dict[str, tuple[int, int]] = dict(self.server.reuse_by_stream()) if self.server else {}
-        for c in self.clients:
-            for stream, end in c.out.items():
-                full, reuse = counts.get(stream.name, (0, 0))
-                counts[stream.name] = (full + end.sent_full, reuse + end.sent_reuse)
-        return {k: r / max(f + r, 1) for k, (f, r) in sorted(counts.items())}
+        return {s: c["reuse"] / max(c["full"] + c["delta"] + c["reuse"], 1) for s, c in self.transfers().items()}
 
     def transfers(self) -> dict[str, dict[str, int]]:
         """Per tensor stream, summed over every end that sends it: FULL / REUSE / DELTA samples, DELTA
-        bytes, prompt-prefix rows shared and the bytes they saved, and the senders' cache memory."""
-        ends = [(st, e) for c in self.clients for st, e in getattr(c, "out", {}).items()]
-        if self.server is not None:
-            ends += [(st, e) for by in self.server.out.values() for st, e in by.items()]
-        out: dict[str, dict[str, int]] = {}
-        for st, e in ends:
-            acc = out.setdefault(st.name, {})
-            for k, v in e.counts().items():
-                acc[k] = acc.get(k, 0) + v
-        return dict(sorted(out.items()))
+        bytes, prompt-prefix rows shared and the bytes they saved, and the senders' cache memory. The
+        clients may be deployment's reports of them (deploy/coordinator.py, ClientStats)."""
+        return add_counts(*(c.stream_counts() for c in self.clients),
+                          *([self.server.stream_counts()] if self.server is not None else []))
 
     def state_dict(self) -> dict:
         """Thresholds, history and the controllers' plain state (bang-bang's level and references). A DDPG

@@ -14,7 +14,8 @@ from dataclasses import replace
 import torch
 
 from splitcom.compress.adapter_delta import HeldBySender, apply_delta, encode_delta, same_layout
-from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
+from splitcom.compress.pipeline import add_counts, end_counts, set_end_counts, stream_ends
+from splitcom.compress.plan import SidePlan
 from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
 from splitcom.evaluate.perplexity import evaluate_loss
@@ -40,32 +41,27 @@ def client_adapter(cid: int) -> str:
 
 
 class SplitServer:
-    def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], *, lr: float,
-                 weight_decay: float = 0.0, server_adapters: str = "per_client", grad_codec: str | dict = "fp32",
-                 device: torch.device | str = "cpu", temporal=None, cache_dir: str | None = None,
-                 codec: str | dict = "fp32", tail_layers: int = 0, seed: int = 0,
-                 weights: dict[int, float] | None = None, cut_rank: int | None = None,
-                 adapter_codec: str = "fp32", prefix: bool = False, entropy: str = "none",
-                 adapter_delta: str | None = None):
-        self.split, self.bank, self.cuts = split, bank, dict(cuts)
-        self.prefix, self.entropy = prefix, entropy
+    def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], plan: SidePlan, *, lr: float,
+                 weight_decay: float = 0.0, server_adapters: str = "per_client", device: torch.device | str = "cpu",
+                 tail_layers: int = 0, cache_dir: str | None = None, weights: dict[int, float] | None = None,
+                 cut_rank: int | None = None):
+        """``plan``: the server side's stream plan (compress/plan.py); ``cache_dir``: where disk stores go."""
+        self.split, self.bank, self.cuts, self.plan = split, bank, dict(cuts), plan
         self.cut_rank = None if server_adapters == "shared" else cut_rank  # (prepare refuses shared + cut rank)
-        self.mode, self.device, self.adapter_codec = server_adapters, torch.device(device), adapter_codec
+        self.mode, self.device = server_adapters, torch.device(device)
         # FedAvg weights the server knows (sample counts); a client's claim must match, or one client
         # could dominate the average by claiming a huge weight.
         self.weights = dict(weights) if weights is not None else None
         self.num_layers = split.num_layers
         self.ushape = tail_layers > 0
+        if self.ushape != (Stream.act_down in plan.sends):
+            raise ValueError(f"tail_layers = {tail_layers} and the plan's streams disagree on U-shape")
         self.end = self.num_layers - tail_layers  # the server runs blocks [cut_i, end)
-        self.skip_reused_grad = bool(temporal is not None and temporal.enabled and temporal.reused_grad == "skip")
-        sends = [Stream.grad_down] + ([Stream.act_down] if self.ushape else [])
-        receives = [Stream.act_up] + ([Stream.grad_up] if self.ushape else [])
         # Per client: the stream ends (codec + temporal caches keyed by that client's sample ids).
         self.out, self.inc = {}, {}
         for cid in cuts:
-            self.out[cid], self.inc[cid] = stream_ends(
-                temporal, codec, grad_codec, split.hidden_size, seed, sends, receives,
-                None if cache_dir is None else f"{cache_dir}/client{cid}", prefix=prefix, entropy=entropy)
+            self.out[cid], self.inc[cid] = stream_ends(plan, split.hidden_size,
+                                                       None if cache_dir is None else f"{cache_dir}/client{cid}")
         self._lock = threading.Lock()  # the server serves one request at a time
         self.labels: dict[int, dict[int, list[int]]] = {cid: {} for cid in cuts}
         self.pending: dict[int, tuple] = {}  # U-shape: client -> (h_in, h_out, lengths, sample ids, reused)
@@ -73,8 +69,8 @@ class SplitServer:
         self.global_state: dict[str, torch.Tensor] = bank.state(GLOBAL)
         self.round = 0
         # adapter deltas: what each client holds (every client starts from the global adapter)
-        self.adapter_delta, self.held = adapter_delta, HeldBySender()
-        if adapter_delta is not None:
+        self.adapter_delta, self.held = plan.adapter_delta, HeldBySender()
+        if self.adapter_delta is not None:
             for cid in self.cuts:
                 self.held.put(cid, self.client_slice(cid))
         self.lr, self.weight_decay = lr, weight_decay
@@ -180,7 +176,7 @@ class SplitServer:
 
     def pull(self, msg: ControlMsg) -> AdapterMsg:
         cid, target = msg.client_id, self.client_slice(msg.client_id)
-        codec, base = self.adapter_codec, 0
+        codec, base = self.plan.adapters.codec, 0
         if self.adapter_delta is not None:
             claimed = msg.body.get("held", 0)
             if not isinstance(claimed, int) or not 0 <= claimed < 2**64:
@@ -192,7 +188,7 @@ class SplitServer:
             else:  # the client holds nothing we know, or other blocks: the adapter itself
                 mirror = {n: serde.adapter_roundtrip(t, codec) for n, t in target.items()}
             self.held.put(cid, mirror)
-        return AdapterMsg(Stream.adapters_down, cid, self.round, 0.0, target, self.cuts[cid], codec, self.entropy,
+        return AdapterMsg(Stream.adapters_down, cid, self.round, 0.0, target, self.cuts[cid], codec, self.plan.entropy,
                           base)
 
     def _check_upload(self, msg: AdapterMsg) -> None:
@@ -246,7 +242,7 @@ class SplitServer:
         return h, [s.length for s in msg.samples], reused
 
     def _grad_down(self, cid: int, step: int, h: torch.Tensor, lengths, sids, reused, loss: float) -> TensorMsg:
-        skip = reused if self.skip_reused_grad else set()
+        skip = reused if self.plan.sends[Stream.grad_down].skip_reused else set()
         return self.out[cid][Stream.grad_down].message(cid, step, sids, unpad(h.grad, lengths), loss, skip)
 
     def train_step(self, msg: TensorMsg) -> TensorMsg:
@@ -302,14 +298,9 @@ class SplitServer:
             for stream, end in ends.items():
                 end.threshold = value.get(stream.name, end.threshold) if isinstance(value, dict) else value
 
-    def reuse_by_stream(self) -> dict[str, tuple[int, int]]:
-        """(FULL, REUSE) sample transfers per stream the server sends."""
-        out: dict[str, tuple[int, int]] = {}
-        for ends in self.out.values():
-            for stream, end in ends.items():
-                full, reuse = out.get(stream.name, (0, 0))
-                out[stream.name] = (full + end.sent_full, reuse + end.sent_reuse)
-        return out
+    def stream_counts(self) -> dict[str, dict[str, int]]:
+        """Per stream the server sends, its ends' counters summed over the clients (Outgoing.counts)."""
+        return add_counts(*({st.name: e.counts() for st, e in ends.items()} for ends in self.out.values()))
 
     @property
     def cache_bytes(self) -> int:

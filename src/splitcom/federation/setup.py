@@ -1,4 +1,5 @@
-"""From a Config to ready objects: model + LoRA, tokenized data, partitions. Shared by every mode."""
+"""From a Config to ready objects: model + LoRA, tokenized data, partitions (shared by every mode), and
+a run's server and clients with their sides' stream plans (shared by simulation and deployment)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ from dataclasses import dataclass
 
 import torch
 
+from splitcom.compress.noise import act_noise
+from splitcom.compress.plan import stream_plan
 from splitcom.config import Config
 from splitcom.data import load_dataset
 from splitcom.data.partition import partition
 from splitcom.data.records import Example
 from splitcom.data.tokenize import Sample, tokenize
 from splitcom.errors import UserError
+from splitcom.federation.client import SplitClient
+from splitcom.federation.server import SplitServer
 from splitcom.models.adapters import AdapterBank, attach_lora
 from splitcom.models.load import load_model, resolve_device
 from splitcom.models.split import SplitModel
@@ -88,3 +93,24 @@ def prepare(cfg: Config) -> Setup:
                       p.bins, p.min_size) if cfg.federation.mode == "sfl" else [list(range(len(train)))]
     return Setup(cfg, SplitModel(peft_model), AdapterBank(peft_model), tok, train_ex, val_ex, train, val, parts,
                  device)
+
+
+def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
+                weights: dict[int, float] | None = None) -> SplitServer:
+    """The server of a run, as simulation and deployment both build it."""
+    cfg = s.cfg
+    return SplitServer(s.split, s.bank, cuts, stream_plan(cfg, "server"), lr=cfg.train.lr,
+                       weight_decay=cfg.train.weight_decay, server_adapters=cfg.federation.server_adapters,
+                       device=s.device, tail_layers=tail_layers(cfg), cache_dir=cache_dir, weights=weights,
+                       cut_rank=cfg.model.lora.cut_rank)
+
+
+def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
+    """Client ``cid`` of a run, as simulation and deployment both build it."""
+    cfg, t = s.cfg, s.cfg.train
+    client = SplitClient(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
+                         stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
+                         pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
+                         cut_rank=cfg.model.lora.cut_rank)
+    client.noise = act_noise(cfg.privacy, t.seed, cid)  # the privacy defence on act_up (compress/noise.py)
+    return client

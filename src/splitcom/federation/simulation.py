@@ -11,22 +11,22 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from splitcom.compress.noise import act_noise
 from splitcom.config import Config, config_diff, dump_config, load_config
 from splitcom.errors import UserError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.client import SplitClient
-from splitcom.federation.fleet import Fleet
 from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
-from splitcom.federation.setup import Setup, prepare, tail_layers
+from splitcom.federation.setup import Setup, make_client, make_server, prepare, tail_layers
+from splitcom.fleet.fleet import Fleet
 from splitcom.models.adapters import GLOBAL
 from splitcom.runlog import CHECKPOINT, RunLog, atomic_save, peak_rss_bytes, write_json
 from splitcom.transport.counters import ByteCounter
@@ -36,31 +36,6 @@ from splitcom.transport.inprocess import InProcessChannel
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
-
-
-def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
-                weights: dict[int, float] | None = None) -> SplitServer:
-    """The server of a run, as simulation and deployment both build it."""
-    cfg, c = s.cfg, s.cfg.compression
-    return SplitServer(s.split, s.bank, cuts, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                       server_adapters=cfg.federation.server_adapters, grad_codec=c.grad_codec, device=s.device,
-                       temporal=c.temporal, cache_dir=cache_dir, codec=c.codec, tail_layers=tail_layers(cfg),
-                       seed=cfg.train.seed, weights=weights, cut_rank=cfg.model.lora.cut_rank,
-                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy,
-                       adapter_delta=c.adapter_delta_codec if c.adapter_refresh == "delta" else None)
-
-
-def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
-    """Client ``cid`` of a run, as simulation and deployment both build it."""
-    cfg, t, c = s.cfg, s.cfg.train, s.cfg.compression
-    client = SplitClient(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]], lr=t.lr,
-                       weight_decay=t.weight_decay, codec=c.codec, grad_codec=c.grad_codec,
-                       tail_layers=tail_layers(cfg), batch_size=t.batch_size, pad_id=s.pad_id, seed=t.seed,
-                       device=s.device, temporal=c.temporal, cut_rank=cfg.model.lora.cut_rank,
-                       adapter_codec=c.adapter_codec, prefix=c.prefix, entropy=c.entropy,
-                       adapter_delta=c.adapter_delta_codec if c.adapter_refresh == "delta" else None)
-    client.noise = act_noise(cfg.privacy, t.seed, cid)
-    return client
 
 
 def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
@@ -193,7 +168,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             workers[0].optimizer.load_state_dict(ckpt["central"]["optimizer"])
             workers[0].tokens_forwarded = ckpt["central"]["tokens_forwarded"]
         log_.info("resuming %s after epoch %d of %d", out, ckpt["epoch"], cfg.train.epochs)
-    with _progress(cfg.logging.progress) as bar:
+    # the live bar only where someone watches a terminal; elsewhere one plain line per epoch (below)
+    with _progress(progress and cfg.logging.progress and sys.stderr.isatty()) as bar:
         task = bar.add_task("starting", total=cfg.train.epochs * sum(plans),
                             completed=(first_epoch - 1) * sum(plans))
         for epoch in range(first_epoch, cfg.train.epochs + 1):
@@ -227,6 +203,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                     since_round = 0
             if every == "epoch" or since_round:
                 aggregate(epoch)
+            bar.update(task, description=f"epoch {epoch}/{cfg.train.epochs}: evaluating on {len(s.val)} dev samples")
             val_loss, val_ppl = validate(epoch)
             if sfl:
                 simulated_by_epoch.append(fleet.clock.now - sum(simulated_by_epoch))
@@ -235,6 +212,14 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             train_losses.append(sum(losses) / len(losses))
             s.bank.model.save_pretrained(str(out / "adapter"), selected_adapters=[GLOBAL])
             checkpoint(epoch)
+            line = (f"epoch {epoch}/{cfg.train.epochs}: train loss {train_losses[-1]:.4f}, val loss {val_loss:.4f} "
+                    f"(ppl {val_ppl:.2f}), up {counter.up / 1e6:.2f} MB, down {counter.down / 1e6:.2f} MB"
+                    + (f", reuse {reuse.by_epoch[-1]['reuse_ratio']:.3f}" if sfl else "")
+                    + f", {time.perf_counter() - t0:.0f} s")
+            if bar.disable:  # not a terminal (CI logs, nohup, a file): one plain line per epoch
+                print(line, file=sys.stderr, flush=True)
+            else:
+                bar.console.print(line, highlight=False)
     log.close()
     temporal = {}
     if sfl:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -140,18 +141,61 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, the only form the Hub is asked for
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the Hub endpoint, so an offline machine fails in seconds instead of a minute of
+    retries inside huggingface_hub."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_pretrained(where: str, local_only: bool) -> tuple[PreTrainedModel, object]:
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=local_only)
+    tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
 def load_model(name: str, cache_dir: str | None = None) -> tuple[PreTrainedModel, object]:
-    """(model in fp32, tokenizer). Unknown names that are neither a directory nor reachable fail clearly."""
+    """(model in fp32, tokenizer). Aliases and local directories first; the Hub only for ``org/name`` ids (its
+    local cache when offline or unreachable). Anything else fails at once, listing the aliases."""
+    known = ", ".join(sorted(ALIASES))
+    path = Path(name).expanduser()
     if name in ALIASES:
         model, tok = ALIASES[name](cache_dir)
-    else:
+    elif path.is_dir():
         try:
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
-            tok = load_tokenizer(name)
+            model, tok = _from_pretrained(str(path), local_only=True)
         except (OSError, ValueError) as err:
-            known = ", ".join(sorted(ALIASES))
-            raise UserError(f"cannot load {name!r} (not an alias [{known}], a local model directory, "
-                            f"or a reachable HF id): {str(err).splitlines()[0]}", where="model.name") from None
+            raise UserError(f"{path} is not a loadable HF model directory: {str(err).splitlines()[0]}",
+                            where="model.name") from None
+    elif HF_ID.match(name):
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        try:
+            model, tok = _from_pretrained(name, local_only=True)  # the HF cache: no network at all
+        except (OSError, ValueError):
+            if offline or not _hub_reachable():
+                why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
+                raise UserError(f"cannot load {name!r}: {why} and it is not in the local HF cache (built-in "
+                                f"aliases: {known}; or give a local model directory)", where="model.name") from None
+            try:
+                model, tok = _from_pretrained(name, local_only=False)
+            except (OSError, ValueError) as err:
+                raise UserError(f"cannot load {name!r} from the Hugging Face Hub: {str(err).splitlines()[0]}",
+                                where="model.name") from None
+    else:
+        raise UserError(f"unknown model {name!r}: not a built-in alias ({known}), not a local directory, and not "
+                        "an HF id of the form org/name", where="model.name")
     model.config.use_cache = False
     return model, tok
 

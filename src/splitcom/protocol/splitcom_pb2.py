@@ -27,7 +27,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitcom/protocol/splitcom.proto\x12\x0bsplitcom.v1\"\x1b\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"6\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"(\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\x81\x01\n\nHelloReply\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x18\n\x10partition_digest\x18\x02 \x01(\x0c\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x18\n\x10protocol_version\x18\x05 \x01(\r\"\xd6\x01\n\tJoinReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0bstart_round\x18\x02 \x01(\x05\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12:\n\nthresholds\x18\x06 \x03(\x0b\x32&.splitcom.v1.JoinReply.ThresholdsEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x0bStepRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tforward_s\x18\x03 \x01(\x01\x12\x12\n\nbackward_s\x18\x04 \x01(\x01\"N\n\tStepReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12#\n\x06status\x18\x03 \x01(\x0b\x32\x13.splitcom.v1.Status\"x\n\x0b\x43lientStats\x12\x11\n\tsent_full\x18\x01 \x01(\x04\x12\x12\n\nsent_reuse\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_saved\x18\x03 \x01(\x04\x12\x18\n\x10tokens_forwarded\x18\x04 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x04\"G\n\x0bPushRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\'\n\x05stats\x18\x02 \x01(\x0b\x32\x18.splitcom.v1.ClientStats\"\x14\n\x03\x41\x63k\x12\r\n\x05round\x18\x01 \x01(\x05\"\xb0\x01\n\tPullReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12:\n\nthresholds\x18\x04 \x03(\x0b\x32&.splitcom.v1.PullReply.ThresholdsEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"!\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x05\"?\n\x0eHeartbeatReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05phase\x18\x03 \x01(\t2\x80\x03\n\x08SplitCom\x12;\n\x05Hello\x12\x19.splitcom.v1.HelloRequest\x1a\x17.splitcom.v1.HelloReply\x12\x35\n\x04Join\x12\x15.splitcom.v1.Envelope\x1a\x16.splitcom.v1.JoinReply\x12<\n\x04Step\x12\x18.splitcom.v1.StepRequest\x1a\x16.splitcom.v1.StepReply(\x01\x30\x01\x12:\n\x0cPushAdapters\x12\x18.splitcom.v1.PushRequest\x1a\x10.splitcom.v1.Ack\x12=\n\x0cPullAdapters\x12\x15.splitcom.v1.Envelope\x1a\x16.splitcom.v1.PullReply\x12G\n\tHeartbeat\x12\x1d.splitcom.v1.HeartbeatRequest\x1a\x1b.splitcom.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n splitcom/protocol/splitcom.proto\x12\x0bsplitcom.v1\"\x1b\n\x08\x45nvelope\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"6\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"(\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"\x81\x01\n\nHelloReply\x12\x13\n\x0b\x63onfig_yaml\x18\x01 \x01(\t\x12\x18\n\x10partition_digest\x18\x02 \x01(\x0c\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x18\n\x10protocol_version\x18\x05 \x01(\r\"\xd6\x01\n\tJoinReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0bstart_round\x18\x02 \x01(\x05\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x0f\n\x07session\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12:\n\nthresholds\x18\x06 \x03(\x0b\x32&.splitcom.v1.JoinReply.ThresholdsEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"R\n\x0bStepRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\tforward_s\x18\x03 \x01(\x01\x12\x12\n\nbackward_s\x18\x04 \x01(\x01\"N\n\tStepReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12#\n\x06status\x18\x03 \x01(\x0b\x32\x13.splitcom.v1.Status\"\xe6\x01\n\x0b\x43lientStats\x12\x11\n\tsent_full\x18\x01 \x01(\x04\x12\x12\n\nsent_reuse\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_saved\x18\x03 \x01(\x04\x12\x18\n\x10tokens_forwarded\x18\x04 \x01(\x04\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x05 \x01(\x04\x12:\n\ttransfers\x18\x06 \x03(\x0b\x32\'.splitcom.v1.ClientStats.TransfersEntry\x1a\x30\n\x0eTransfersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"G\n\x0bPushRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\'\n\x05stats\x18\x02 \x01(\x0b\x32\x18.splitcom.v1.ClientStats\"\x14\n\x03\x41\x63k\x12\r\n\x05round\x18\x01 \x01(\x05\"\xb0\x01\n\tPullReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\x12:\n\nthresholds\x18\x04 \x03(\x0b\x32&.splitcom.v1.PullReply.ThresholdsEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"!\n\x10HeartbeatRequest\x12\r\n\x05round\x18\x01 \x01(\x05\"?\n\x0eHeartbeatReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05phase\x18\x03 \x01(\t2\x80\x03\n\x08SplitCom\x12;\n\x05Hello\x12\x19.splitcom.v1.HelloRequest\x1a\x17.splitcom.v1.HelloReply\x12\x35\n\x04Join\x12\x15.splitcom.v1.Envelope\x1a\x16.splitcom.v1.JoinReply\x12<\n\x04Step\x12\x18.splitcom.v1.StepRequest\x1a\x16.splitcom.v1.StepReply(\x01\x30\x01\x12:\n\x0cPushAdapters\x12\x18.splitcom.v1.PushRequest\x1a\x10.splitcom.v1.Ack\x12=\n\x0cPullAdapters\x12\x15.splitcom.v1.Envelope\x1a\x16.splitcom.v1.PullReply\x12G\n\tHeartbeat\x12\x1d.splitcom.v1.HeartbeatRequest\x1a\x1b.splitcom.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,6 +36,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOINREPLY_THRESHOLDSENTRY']._loaded_options = None
   _globals['_JOINREPLY_THRESHOLDSENTRY']._serialized_options = b'8\001'
+  _globals['_CLIENTSTATS_TRANSFERSENTRY']._loaded_options = None
+  _globals['_CLIENTSTATS_TRANSFERSENTRY']._serialized_options = b'8\001'
   _globals['_PULLREPLY_THRESHOLDSENTRY']._loaded_options = None
   _globals['_PULLREPLY_THRESHOLDSENTRY']._serialized_options = b'8\001'
   _globals['_ENVELOPE']._serialized_start=49
@@ -54,20 +56,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPREQUEST']._serialized_end=607
   _globals['_STEPREPLY']._serialized_start=609
   _globals['_STEPREPLY']._serialized_end=687
-  _globals['_CLIENTSTATS']._serialized_start=689
-  _globals['_CLIENTSTATS']._serialized_end=809
-  _globals['_PUSHREQUEST']._serialized_start=811
-  _globals['_PUSHREQUEST']._serialized_end=882
-  _globals['_ACK']._serialized_start=884
-  _globals['_ACK']._serialized_end=904
-  _globals['_PULLREPLY']._serialized_start=907
-  _globals['_PULLREPLY']._serialized_end=1083
+  _globals['_CLIENTSTATS']._serialized_start=690
+  _globals['_CLIENTSTATS']._serialized_end=920
+  _globals['_CLIENTSTATS_TRANSFERSENTRY']._serialized_start=872
+  _globals['_CLIENTSTATS_TRANSFERSENTRY']._serialized_end=920
+  _globals['_PUSHREQUEST']._serialized_start=922
+  _globals['_PUSHREQUEST']._serialized_end=993
+  _globals['_ACK']._serialized_start=995
+  _globals['_ACK']._serialized_end=1015
+  _globals['_PULLREPLY']._serialized_start=1018
+  _globals['_PULLREPLY']._serialized_end=1194
   _globals['_PULLREPLY_THRESHOLDSENTRY']._serialized_start=474
   _globals['_PULLREPLY_THRESHOLDSENTRY']._serialized_end=523
-  _globals['_HEARTBEATREQUEST']._serialized_start=1085
-  _globals['_HEARTBEATREQUEST']._serialized_end=1118
-  _globals['_HEARTBEATREPLY']._serialized_start=1120
-  _globals['_HEARTBEATREPLY']._serialized_end=1183
-  _globals['_SPLITCOM']._serialized_start=1186
-  _globals['_SPLITCOM']._serialized_end=1570
+  _globals['_HEARTBEATREQUEST']._serialized_start=1196
+  _globals['_HEARTBEATREQUEST']._serialized_end=1229
+  _globals['_HEARTBEATREPLY']._serialized_start=1231
+  _globals['_HEARTBEATREPLY']._serialized_end=1294
+  _globals['_SPLITCOM']._serialized_start=1297
+  _globals['_SPLITCOM']._serialized_end=1681
 # @@protoc_insertion_point(module_scope)

@@ -13,9 +13,10 @@ from splitcom.report import html, markdown, plots, tables
 from splitcom.report.runs import load_runs
 
 ABSENT = {  # why a figure can be missing
+    "loss": "No run logged a loss.",
     "bytes_per_stream": "No run has bytes counted after an epoch.",
     "bytes_vs_ppl": "No run has a validation after an epoch.",
-    "reuse": "No run logged temporal reuse (centralized runs have none).",
+    "reuse": "No run has temporal reuse on (centralized runs have none).",
     "sim_time": "No run has a simulated time (centralized runs have none).",
 }
 

@@ -2,9 +2,10 @@
 
 ``DIR`` becomes a PEFT adapter directory (``adapter_config.json``, ``adapter_model.safetensors``)
 that ``PeftModel.from_pretrained(base, DIR)`` loads, with the tokenizer beside it and a README that
-says which base to load. ``base_model_name_or_path`` names the run's ``model.name``: an HF id or a
-directory loads with ``AutoModelForCausalLM`` directly; a SplitCom alias (``smollm2-135m``,
-``tiny-llama``, ...) with ``splitcom.models.load.load_model``. ``--merged`` also writes
+says which base to load. ``base_model_name_or_path`` is what plain PEFT/HF code loads without SplitCom:
+the HF id of the run's model (an alias says what it was converted from: ``smollm2-135m`` is
+``HuggingFaceTB/SmolLM2-135M-Instruct``), an absolute local directory, or for a random-init test alias
+(``tiny-llama``, ...) ``DEST/base``, where its weights are written. ``--merged`` also writes
 ``DIR/merged/``: the base with the adapter merged in (``merge_and_unload``), a plain HF model.
 
 The adapter files are copied byte for byte from ``OUT/adapter``, so the exported adapter is exactly
@@ -25,19 +26,29 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _HF_IDS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what an alias was converted from
 
 
-def base_name(name: str) -> str:
-    """What ``base_model_name_or_path`` should say: the alias or HF id, or an absolute local path."""
+def base_name(name: str, dest: Path | None = None) -> str:
+    """What ``base_model_name_or_path`` should say, so that plain PEFT/HF code loads it without SplitCom: the HF
+    id an alias was converted from, an absolute local path, or (a random-init test alias) ``DEST/base``."""
+    if name in _HF_IDS:
+        return _HF_IDS[name]
     if name in ALIASES:
-        return name
+        return str((dest / "base").resolve()) if dest is not None else name
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else name
 
 
 def readme(name: str, base: str, merged: bool) -> str:
-    if name in ALIASES:
-        origin = f" (converted from `{_HF_IDS[name]}`)" if name in _HF_IDS else " (random init, for tests)"
-        load_base = (f"from splitcom.models.load import load_model\n\n"
-                     f"base, tokenizer = load_model({name!r})  # SplitCom alias{origin}")
+    if name in _HF_IDS:
+        load_base = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                     f"# {base!r} from the Hub, or offline the dequantised copy SplitCom keeps in\n"
+                     f"# ~/.cache/splitcom/{name} (the same weights, as safetensors)\n"
+                     f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+                     f"tokenizer = AutoTokenizer.from_pretrained({base!r})")
+    elif name in ALIASES:
+        load_base = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                     f"# SplitCom's {name!r} is a random-init test model: its weights are in base/ here\n"
+                     f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
+                     f"tokenizer = AutoTokenizer.from_pretrained({base!r})")
     else:
         load_base = (f"from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
                      f"base = AutoModelForCausalLM.from_pretrained({base!r})\n"
@@ -86,7 +97,7 @@ def export_run(out: str | Path, dest: str | Path, merged: bool = False, force: b
         raise UserError("export destination is the run's own adapter directory", where=str(dest))
     dest.mkdir(parents=True, exist_ok=True)
 
-    base = base_name(cfg.model.name)
+    base = base_name(cfg.model.name, dest)
     adapter_cfg = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
     adapter_cfg["base_model_name_or_path"] = base
     written = [dest / "adapter_config.json", dest / "adapter_model.safetensors", dest / "README.md"]
@@ -108,7 +119,12 @@ def export_run(out: str | Path, dest: str | Path, merged: bool = False, force: b
                 hf_logging.enable_progress_bar()
         tok.save_pretrained(dest / "merged")
         written.append(dest / "merged")
-    else:
+    if cfg.model.name in ALIASES and cfg.model.name not in _HF_IDS:  # no HF id to name: ship the base
+        base_model, tok = load_model(cfg.model.name, cfg.model.cache_dir)
+        base_model.save_pretrained(dest / "base")
+        tok.save_pretrained(dest / "base")
+        written.append(dest / "base")
+    elif not merged:
         _, tok = load_model(cfg.model.name, cfg.model.cache_dir)
     tok.save_pretrained(dest)
     return written

@@ -87,6 +87,47 @@ def stream_bytes_per_epoch(run: RunData) -> dict[str, list[tuple[int, int]]]:
     return out
 
 
+def _moving_mean(values: list[float], window: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v - (values[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def loss_curves(runs: list[RunData]) -> Figure | None:
+    """Train loss per step (thin: every logged client step; bold: its moving mean) and validation loss per
+    epoch (epoch 0: before training), one colour per run."""
+    steps = [[e["loss"] for e in r.of("step") if isinstance(e.get("loss"), int | float)] for r in runs]
+    vals = [[(e["epoch"], e["val_loss"]) for e in r.evals if "val_loss" in e] for r in runs]
+    if not any(steps) and not any(vals):
+        return None
+    fig = Figure(figsize=(11.0, 4.4), layout="constrained")
+    ax_train, ax_val = fig.subplots(1, 2)
+    for i, losses in enumerate(steps):
+        if losses:
+            style = run_style(i)
+            ax_train.plot(range(1, len(losses) + 1), losses, color=style["color"], lw=0.6, alpha=0.3)
+            ax_train.plot(range(1, len(losses) + 1), _moving_mean(losses, max(1, len(losses) // 40)),
+                          color=style["color"], lw=style["lw"], zorder=style["zorder"])
+    if not any(steps):
+        ax_train.text(0.5, 0.5, "no step events logged", ha="center", va="center", transform=ax_train.transAxes,
+                      color="gray")
+    ax_train.set_xlabel("logged training step (one client's batch)")
+    ax_train.set_ylabel("train loss (completion tokens)")
+    ax_train.set_title("Train loss per step (bold: moving mean)", fontsize=10)
+    for i, pts in enumerate(vals):
+        if pts:
+            ax_val.plot(*zip(*pts, strict=True), **run_style(i))
+    ax_val.set_ylabel("validation loss")
+    ax_val.set_title("Validation loss per epoch (0: before training)", fontsize=10)
+    _epoch_axis(ax_val)
+    for ax in (ax_train, ax_val):
+        _style(ax)
+    _legend(fig, list(enumerate(runs)))
+    return fig
+
+
 def bytes_per_stream(runs: list[RunData]) -> Figure | None:
     per_run = [stream_bytes_per_epoch(r) for r in runs]
     totals: dict[str, int] = {}
@@ -126,10 +167,10 @@ def bytes_vs_ppl(runs: list[RunData]) -> Figure | None:
     series = []
     for r in runs:
         pts = [(e["bytes_up"] + e["bytes_down"], e["val_ppl"], e["epoch"]) for e in r.evals
-               if e.get("epoch", 0) > 0 and "val_ppl" in e and "bytes_up" in e]
+               if "val_ppl" in e and "bytes_up" in e]  # from the untrained point (epoch 0) on
         initial = next((e["val_ppl"] for e in r.evals if e.get("epoch") == 0 and "val_ppl" in e), None)
         series.append((pts, initial))
-    if not any(pts for pts, _ in series):
+    if not any(e > 0 for pts, _ in series for _, _, e in pts):
         return None
     fig = Figure(figsize=(7.5, 5.0), layout="constrained")
     ax = fig.subplots()
@@ -143,7 +184,11 @@ def bytes_vs_ppl(runs: list[RunData]) -> Figure | None:
                 for xe, ye, ep in pts:
                     ax.annotate(f"{ep}", (xe, ye), textcoords="offset points", xytext=(4, 4), fontsize=7,
                                 color=color(i))
-    _scale(ax, "x", xs)
+    if _scale(ax, "x", xs):  # a zero (nothing sent before training) cannot sit on a log axis
+        for line in ax.lines:
+            x, y = line.get_data()
+            keep = [j for j, v in enumerate(x) if v > 0]
+            line.set_data([x[j] for j in keep], [y[j] for j in keep])
     log_y = _use_log(ys)
     if log_y:
         ax.set_yscale("log")
@@ -164,7 +209,8 @@ def bytes_vs_ppl(runs: list[RunData]) -> Figure | None:
 
 
 def reuse(runs: list[RunData]) -> Figure | None:
-    with_events = [(i, r) for i, r in enumerate(runs) if r.of("reuse")]
+    """Only runs with temporal reuse on (a run without it logs reuse 0 every epoch: nothing to see)."""
+    with_events = [(i, r) for i, r in enumerate(runs) if r.of("reuse") and r.reuse_enabled]
     if not with_events:
         return None
     fig = Figure(figsize=(11.0, 4.2), layout="constrained")
@@ -173,8 +219,7 @@ def reuse(runs: list[RunData]) -> Figure | None:
     for i, r in with_events:
         ev = sorted(r.of("reuse"), key=lambda e: e["epoch"])
         epochs = [e["epoch"] for e in ev]
-        ax_ratio.plot(epochs, [e.get("reuse_ratio", 0.0) for e in ev], ls="-" if r.reuse_enabled else "--",
-                      **run_style(i))
+        ax_ratio.plot(epochs, [e.get("reuse_ratio", 0.0) for e in ev], **run_style(i))
         if r.reuse_enabled:
             gap = [(e["epoch"], 1.0 - e["threshold"]) for e in ev if e.get("threshold") is not None]
             thresholds += [g for _, g in gap]
@@ -183,7 +228,7 @@ def reuse(runs: list[RunData]) -> Figure | None:
     ax_ratio.set_ylim(-0.03, 1.03)
     ax_ratio.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax_ratio.set_ylabel("samples whose activation was reused")
-    ax_ratio.set_title("Reuse ratio per epoch (dashed: reuse off)", fontsize=10)
+    ax_ratio.set_title("Reuse ratio per epoch", fontsize=10)
     if thresholds and all(g > 0 for g in thresholds):
         ax_thr.set_yscale("log")
         ax_thr.set_ylabel("1 − threshold  (log; lower = stricter)")
@@ -215,8 +260,9 @@ def sim_time(runs: list[RunData]) -> Figure | None:
     if log:
         ax.set_yscale("log")
     ax.yaxis.set_major_formatter(EngFormatter(unit="s"))
-    ax.set_ylabel("simulated deployment time so far" + (" (log)" if log else ""))
-    ax.set_title("Simulated time (device and link model) per epoch", fontsize=11)
+    ax.set_ylabel("simulated time since the start, running total" + (" (log)" if log else ""))
+    ax.set_title("Simulated deployment time (device and link model), running total at each epoch's end",
+                 fontsize=10)
     _epoch_axis(ax)
     _style(ax)
     _legend(fig, [(i, runs[i]) for i, _ in series])
@@ -225,10 +271,11 @@ def sim_time(runs: list[RunData]) -> Figure | None:
 
 # name -> (caption, figure builder), in page order.
 FIGURES: dict[str, tuple[str, Callable[[list[RunData]], Figure | None]]] = {
+    "loss": ("Loss curves: train loss per step, validation loss per epoch", loss_curves),
     "bytes_per_stream": ("Bytes per stream per epoch", bytes_per_stream),
     "bytes_vs_ppl": ("Cumulative bytes against validation perplexity", bytes_vs_ppl),
     "reuse": ("Temporal reuse: reuse ratio and threshold per epoch", reuse),
-    "sim_time": ("Simulated time per epoch", sim_time),
+    "sim_time": ("Simulated deployment time, running total per epoch", sim_time),
 }
 
 

@@ -1,6 +1,6 @@
 """gRPC server transport: authenticated envelopes in, serde bytes to the deployment driver, replies out.
 
-This layer knows gRPC and protobuf; the driver behind it (``Coordinator``, federation/deploy/) sees
+This layer knows gRPC and protobuf; the driver behind it (``Coordinator``, splitcom/deploy/) sees
 client ids and serde bytes only, like ``SplitServer.handle_bytes``. Per message it: authenticates the
 call (token per client id), refuses oversized payloads, checks the serde header (message type for this
 rpc, client id = the authenticated one), hands a ``Call`` to the driver, and turns the driver's reply,
@@ -186,7 +186,7 @@ def _reply(call: Call, payload: bytes | None, status, fields: dict):
 
 
 class Coordinator(Protocol):
-    """What the transport needs from the deployment driver (federation/deploy/coordinator.py)."""
+    """What the transport needs from the deployment driver (deploy/coordinator.py)."""
 
     max_message_bytes: int
     step_streams: frozenset[Stream]  # tensor streams a client may send on its step stream
@@ -372,6 +372,27 @@ def _handlers(service: SplitComService, counters: Counters) -> grpc.GenericRpcHa
     return grpc.method_handlers_generic_handler(SERVICE.full_name, table)
 
 
+def _bind_problem(bind: str) -> str:
+    """Why gRPC could not bind (it only says 0): ask the OS the same question."""
+    import errno
+    import socket
+
+    from splitcom.transport.security import split_address
+
+    host, port = split_address(bind)
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            return "address in use (another process listens on that port)"
+        if err.errno == errno.EADDRNOTAVAIL:
+            return "not an address of this machine"
+        return err.strerror or str(err)
+    return "the address is not usable"
+
+
 def start_server(service: SplitComService, bind: str, credentials: grpc.ServerCredentials | None,
                  max_receive_bytes: int, max_workers: int) -> tuple[grpc.Server, int]:
     """Start serving on ``bind``; returns the server and the bound port (``HOST:0`` picks a free one)."""
@@ -387,9 +408,9 @@ def start_server(service: SplitComService, bind: str, credentials: grpc.ServerCr
     try:
         port = (server.add_secure_port(bind, credentials) if credentials is not None
                 else server.add_insecure_port(bind))
-    except RuntimeError as err:
-        raise UserError(f"cannot listen there ({err})", where=bind) from None
+    except RuntimeError:  # gRPC's message names nothing useful ("set GRPC_VERBOSITY=debug")
+        port = 0
     if not port:
-        raise UserError("cannot listen there (address in use or not local?)", where=bind)
+        raise UserError(f"cannot listen there: {_bind_problem(bind)}", where=bind)
     server.start()
     return server, port

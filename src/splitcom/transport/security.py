@@ -97,13 +97,47 @@ def call_metadata(client_id: int, token: str) -> tuple[tuple[str, str], ...]:
     return ((CLIENT_KEY, str(client_id)), (TOKEN_KEY, f"Bearer {token}"))
 
 
-def _read(path: str | Path | None, what: str) -> bytes | None:
+def _read(path: str | Path | None, what: str, pem: bytes = b"-----BEGIN ") -> bytes | None:
+    """A PEM file's bytes; a missing file or one that is not PEM is a UserError naming it (gRPC would only
+    fail later, at the first handshake, with a message that names nothing)."""
     if path is None:
         return None
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} file not found", where=str(p))
-    return p.read_bytes()
+    data = p.read_bytes()
+    if pem not in data:
+        raise UserError(f"{what} file is not PEM (no '{pem.decode().strip()}' block)", where=str(p))
+    return data
+
+
+def tls_mismatch(address: str, ca: str | Path | None, timeout: float = 3.0) -> str | None:
+    """Why a connection that failed will keep failing, if it is a TLS mistake: the server speaks TLS and the
+    client does not, or the other way round, or the server's certificate is not signed by ``ca``. None when
+    the server is simply not there (yet) or the handshake works. One TLS handshake with Python's ssl."""
+    import socket
+    import ssl
+
+    host, port = split_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout)
+    except OSError:
+        return None  # not listening (yet): worth retrying
+    ctx = ssl.create_default_context(cafile=str(ca)) if ca is not None else ssl._create_unverified_context()  # noqa: S323
+    ctx.check_hostname = False  # gRPC checks the name; here only the chain matters
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with ctx.wrap_socket(sock, server_hostname=host) as tls:
+            tls.settimeout(timeout)
+        return f"the server at {address} speaks TLS: pass --tls-ca (the CA that signed its certificate)" \
+            if ca is None else None
+    except ssl.SSLCertVerificationError as err:
+        return f"certificate verify failed (wrong CA? --tls-ca {ca}): {err.verify_message}"
+    except (ssl.SSLError, OSError):
+        return None if ca is None else f"the server at {address} does not speak TLS (drop --tls-ca, or give the " \
+            "server --tls-cert/--tls-key)"
+    finally:
+        sock.close()
 
 
 def server_credentials(cert: str | Path | None, key: str | Path | None,
@@ -116,8 +150,9 @@ def server_credentials(cert: str | Path | None, key: str | Path | None,
         return None
     if cert is None or key is None:
         raise UserError("TLS needs both --tls-cert and --tls-key", where="--tls-cert" if cert is None else "--tls-key")
-    ca = _read(client_ca, "client CA")
-    return grpc.ssl_server_credentials([(_read(key, "TLS key"), _read(cert, "TLS certificate"))],
+    ca = _read(client_ca, "client CA", b"-----BEGIN CERTIFICATE-----")
+    return grpc.ssl_server_credentials([(_read(key, "TLS key", b"PRIVATE KEY-----"),
+                                         _read(cert, "TLS certificate", b"-----BEGIN CERTIFICATE-----"))],
                                        root_certificates=ca, require_client_auth=ca is not None)
 
 
@@ -130,8 +165,9 @@ def channel_credentials(ca: str | Path | None, cert: str | Path | None = None,
         return None
     if (cert is None) != (key is None):
         raise UserError("mutual TLS needs both --tls-cert and --tls-key", where="--tls-cert")
-    return grpc.ssl_channel_credentials(root_certificates=_read(ca, "CA certificate"),
-                                        private_key=_read(key, "TLS key"), certificate_chain=_read(cert, "TLS certificate"))
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca, "CA certificate", b"-----BEGIN CERTIFICATE-----"),
+                                        private_key=_read(key, "TLS key", b"PRIVATE KEY-----"),
+                                        certificate_chain=_read(cert, "TLS certificate", b"-----BEGIN CERTIFICATE-----"))
 
 
 def split_address(address: str) -> tuple[str, int]:

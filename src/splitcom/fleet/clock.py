@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from splitcom.federation.devices import DeviceProfile, get_profile, resolve_devices
-from splitcom.federation.schedule import Job, make_schedule, simulate
-from splitcom.federation.timemodel import (
+from splitcom.fleet.devices import DeviceProfile, get_profile, resolve_devices
+from splitcom.fleet.schedule import Job, make_schedule, simulate
+from splitcom.fleet.timemodel import (
     ArchSpec,
     arch_from_hf_config,
     compute_time,

@@ -13,8 +13,8 @@ import numpy as np
 
 from splitcom.config import Config
 from splitcom.errors import UserError
-from splitcom.federation.fleet import Fleet
 from splitcom.federation.setup import Setup
+from splitcom.fleet.fleet import Fleet
 
 log = logging.getLogger("splitcom.deploy")
 PREPARE_LOCK = threading.Lock()  # prepare() seeds torch's global RNG: one at a time per process
@@ -96,6 +96,12 @@ class DeployError(Exception):
 
 class AuthFailure(DeployError):
     exit_code = 3
+
+
+class TlsMismatch(DeployError):
+    """TLS on one side only, or a server certificate the client's CA did not sign: bad flags, exit 2."""
+
+    exit_code = 2
 
 
 class VersionMismatch(DeployError):

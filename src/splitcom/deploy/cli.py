@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from splitcom.errors import UserError
 
@@ -22,7 +23,7 @@ FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _fail(message: str, code: int) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -80,7 +81,8 @@ def server_cmd(
     logging.basicConfig(level=logging.INFO, format=FMT)
     try:
         from splitcom.config import load_config
-        from splitcom.federation.deploy import DeployError, ServerDriver, check_deployable
+        from splitcom.deploy.plan import DeployError, check_deployable
+        from splitcom.deploy.server import ServerDriver
         from splitcom.runlog import write_json
         from splitcom.transport.security import plaintext_warning, server_credentials, split_address
 
@@ -144,7 +146,8 @@ def client_cmd(
     """Train one client of a `splitcom server` run (its config comes from the server)."""
     logging.basicConfig(level=logging.INFO, format=FMT)
     try:
-        from splitcom.federation.deploy import ClientDriver, ClientOptions, DeployError
+        from splitcom.deploy.client import ClientDriver, ClientOptions
+        from splitcom.deploy.plan import DeployError
         from splitcom.transport.security import plaintext_warning, split_address
 
         host, _ = split_address(server)

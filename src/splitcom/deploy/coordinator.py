@@ -8,8 +8,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from splitcom.config import dump_config
-from splitcom.federation.deploy.plan import RoundSpec, forget_summaries, log, partition_digest
+from splitcom.compress.pipeline import TRANSFER_KEYS
+from splitcom.config import STREAMS, dump_config
+from splitcom.deploy.plan import RoundSpec, forget_summaries, log, partition_digest
 from splitcom.protocol import serde
 from splitcom.protocol.messages import Stream
 from splitcom.transport.grpc_server import (
@@ -70,6 +71,23 @@ class ClientStats:
     tokens_forwarded: int = 0
     cache_bytes: int = 0
     threshold: float = 1.0
+    transfers: dict[str, dict[str, int]] = field(default_factory=dict)  # by stream: Outgoing.counts()
+
+    def add(self, new) -> None:
+        """Fold in the counters of an upload (a pb.ClientStats: differences, cache bytes absolute)."""
+        self.sent_full += new.sent_full
+        self.sent_reuse += new.sent_reuse
+        self.bytes_saved += new.bytes_saved
+        self.tokens_forwarded += new.tokens_forwarded
+        self.cache_bytes = new.cache_bytes
+        for stream in sorted({key.rpartition(".")[0] for key in new.transfers} & set(STREAMS)):
+            acc = self.transfers.setdefault(stream, {})
+            for k in TRANSFER_KEYS:  # keyed "<stream>.<counter>"
+                v = new.transfers.get(f"{stream}.{k}", 0)
+                acc[k] = v if k == "cache_bytes" else acc.get(k, 0) + v
+
+    def stream_counts(self) -> dict[str, dict[str, int]]:
+        return self.transfers
 
 
 class Coordination:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 import yaml
 
 from splitcom.config import build_config
-from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.deploy.plan import (
+from splitcom.deploy.plan import (
     PREPARE_LOCK,
     AuthFailure,
     DeployError,
+    TlsMismatch,
     VersionMismatch,
     batches_per_client,
     check_deployable,
@@ -28,8 +28,8 @@ from splitcom.federation.deploy.plan import (
     partition_digest,
     round_plan,
 )
-from splitcom.federation.setup import prepare
-from splitcom.federation.simulation import make_client
+from splitcom.errors import ProtocolError, UserError
+from splitcom.federation.setup import make_client, prepare
 from splitcom.models.adapters import GLOBAL
 from splitcom.transport.grpc_client import (
     AuthRefused,
@@ -39,6 +39,7 @@ from splitcom.transport.grpc_client import (
     GrpcClient,
     RunAborted,
 )
+from splitcom.transport.security import tls_mismatch
 
 
 @dataclass
@@ -59,6 +60,16 @@ class ClientOptions:
 COUNTERS = ("tokens_forwarded", "sent_full", "sent_reuse", "bytes_saved")
 
 
+def upload_stats(now: dict, before: dict, cache_bytes: int) -> dict:
+    """The pb.ClientStats fields of an upload: counters since the previous one (``before``), but the
+    cache bytes, which are absolute, as are each stream's sender cache bytes (``transfers``, keyed
+    "<stream>.<counter>")."""
+    old = before.get("transfers", {})
+    transfers = {f"{s}.{k}": v - (0 if k == "cache_bytes" else old.get(s, {}).get(k, 0))
+                 for s, counts in now["transfers"].items() for k, v in counts.items()}
+    return {**{k: now[k] - before.get(k, 0) for k in COUNTERS}, "cache_bytes": cache_bytes, "transfers": transfers}
+
+
 def thresholds_of(reply) -> float | dict[str, float]:
     """The per-stream thresholds of a JoinReply/PullReply, or its one threshold for every stream."""
     return dict(reply.thresholds) if reply.thresholds else reply.threshold
@@ -75,7 +86,7 @@ class ClientDriver:
         self.snaps: dict[int, dict] = {}  # round -> optimizer state at its start (the last two rounds)
         self.cur_round: int | None = None
         self.pushed, self.threshold, self.steps, self.rejected, self.rejoins = False, 1.0, 0, 0, 0
-        self.last_pushed = dict.fromkeys(COUNTERS, 0)
+        self.last_pushed: dict = {}  # the counters at the previous upload (``_counters``)
         self._stop = threading.Event()
         self._batches: dict[int, list] = {}
         self._fired: set[str] = set()
@@ -134,6 +145,9 @@ class ClientDriver:
             try:
                 return fn()
             except Disconnected as err:
+                why = tls_mismatch(self.opts.server, self.opts.tls_ca)  # a TLS mistake never heals:
+                if why is not None:  # say so at once instead of retrying for reconnect_s
+                    raise TlsMismatch(why) from None
                 if time.monotonic() > deadline:
                     raise DeployError(f"server {self.opts.server} unreachable for {self.opts.reconnect_s:g} s "
                                       f"({err})") from None
@@ -185,7 +199,7 @@ class ClientDriver:
         log.info("client %d: optimizer state of round(s) %s from %s", self.cid, sorted(self.snaps), path)
 
     def _counters(self) -> dict:
-        return {k: int(getattr(self.sc, k, 0)) for k in COUNTERS}
+        return {**{k: int(getattr(self.sc, k, 0)) for k in COUNTERS}, "transfers": self.sc.stream_counts()}
 
     def _enter(self, start: int, threshold: float | dict[str, float]) -> bool:
         """Get ready to train round ``start``: the optimizer state of its start where we have it, the
@@ -237,8 +251,7 @@ class ClientDriver:
             self.channel.step_finished()
             self.steps += 1
         now = self._counters()
-        self.channel.stats = lambda: {**{k: now[k] - self.last_pushed[k] for k in COUNTERS},
-                                      "cache_bytes": int(sc.cache_bytes)}
+        self.channel.stats = lambda: upload_stats(now, self.last_pushed, int(sc.cache_bytes))
         sc.push_adapters(r)
         self.pushed, self.last_pushed = True, now
         if self.opts.state_dir is not None:  # the end of round r is the start of r + 1, if we die before it

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import math
 
-from splitcom.federation.clock import SimClock
-from splitcom.federation.cuts import adaptive_cuts, memory_fit
 from splitcom.federation.setup import Setup, tail_layers
+from splitcom.fleet.clock import SimClock
+from splitcom.fleet.cuts import adaptive_cuts, memory_fit
 
 
 class Fleet:

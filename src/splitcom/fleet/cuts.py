@@ -12,8 +12,8 @@ import statistics
 from collections.abc import Callable, Sequence
 
 from splitcom.errors import UserError
-from splitcom.federation.devices import DeviceProfile, GiB
-from splitcom.federation.timemodel import ArchSpec, client_memory_bytes
+from splitcom.fleet.devices import DeviceProfile, GiB
+from splitcom.fleet.timemodel import ArchSpec, client_memory_bytes
 
 WHERE = "federation.devices"
 

@@ -1,4 +1,6 @@
-"""Deployment: the rounds loop of ``splitcom server`` and the loop of each ``splitcom client``.
+"""Deployment: ``splitcom server`` and ``splitcom client`` (cli.py), the server's rounds loop (server.py,
+with the gRPC entry points in coordinator.py and its checkpoint and summary in outputs.py), the loop of
+each client process (client.py) and the plan of rounds both share (plan.py).
 
 The step logic is simulation's: the server process runs ``SplitServer.handle_bytes`` and
 ``aggregate``, every client process runs ``SplitClient`` over a ``GrpcChannel``. What deployment adds:
@@ -22,10 +24,3 @@ Fault injection for tests (environment): SPLITCOM_FAULT_SERVER_EXIT_AFTER_TURNS=
 SPLITCOM_FAULT_CLIENT_EXIT_AFTER_STEPS=N make the process exit hard (os._exit(17)) at that point;
 SPLITCOM_FAULT_CLIENT_HANG_AFTER_STEPS=N (with SPLITCOM_FAULT_CLIENT_HANG_S) makes a client stall.
 """
-
-from splitcom.federation.deploy.client import ClientDriver, ClientOptions
-from splitcom.federation.deploy.plan import AuthFailure, DeployError, check_deployable, round_plan
-from splitcom.federation.deploy.server import ServerDriver
-
-__all__ = ["AuthFailure", "ClientDriver", "ClientOptions", "DeployError", "ServerDriver", "check_deployable",
-           "round_plan"]

@@ -11,9 +11,9 @@ from collections import deque
 from pathlib import Path
 
 from splitcom.config import Config, dump_config
-from splitcom.federation.deploy.coordinator import ClientStats, Coordination, Member, Pending, RoundState
-from splitcom.federation.deploy.outputs import load_checkpoint, save_checkpoint, summary
-from splitcom.federation.deploy.plan import (
+from splitcom.deploy.coordinator import ClientStats, Coordination, Member, Pending, RoundState
+from splitcom.deploy.outputs import load_checkpoint, save_checkpoint, summary
+from splitcom.deploy.plan import (
     PREPARE_LOCK,
     DeployError,
     RoundSpec,
@@ -23,11 +23,10 @@ from splitcom.federation.deploy.plan import (
     log,
     round_plan,
 )
-from splitcom.federation.fleet import Fleet
 from splitcom.federation.reuse import ReuseControl
-from splitcom.federation.schedule import Job, make_schedule
-from splitcom.federation.setup import prepare
-from splitcom.federation.simulation import make_server
+from splitcom.federation.setup import make_server, prepare
+from splitcom.fleet.fleet import Fleet
+from splitcom.fleet.schedule import Job, make_schedule
 from splitcom.models.adapters import GLOBAL
 from splitcom.protocol import serde
 from splitcom.protocol.messages import AdapterMsg, Stream
@@ -287,12 +286,7 @@ class ServerDriver(Coordination):
                 if call.status is None:
                     with self.cond:
                         rnd.pushed.add(cid)
-                        st, new = self.stats[cid], call.request.stats
-                        st.sent_full += new.sent_full
-                        st.sent_reuse += new.sent_reuse
-                        st.bytes_saved += new.bytes_saved
-                        st.tokens_forwarded += new.tokens_forwarded
-                        st.cache_bytes = new.cache_bytes
+                        self.stats[cid].add(call.request.stats)
                     break
         with self.cond:
             if len(rnd.pushed) < self.cfg.federation.min_clients:

@@ -8,8 +8,8 @@ import time
 
 import torch
 
+from splitcom.deploy.plan import log
 from splitcom.errors import UserError
-from splitcom.federation.deploy.plan import log
 from splitcom.federation.setup import tail_layers
 from splitcom.runlog import CHECKPOINT, atomic_save, peak_rss_bytes
 
@@ -59,14 +59,6 @@ def load_checkpoint(self) -> None:
     log.info("resuming %s at round %d of %d", self.out, self.next_round, len(self.plan))
 
 
-def reuse_by_stream(self) -> dict[str, float]:
-    """ReuseControl.by_stream with act_up counted from the clients' reported uploads."""
-    counts = dict(self.server.reuse_by_stream())
-    counts["act_up"] = (sum(st.sent_full for st in self.stats.values()),
-                        sum(st.sent_reuse for st in self.stats.values()))
-    return {k: r / max(f + r, 1) for k, (f, r) in sorted(counts.items())}
-
-
 def summary(self, t0: float) -> dict:
     cfg, s, serde_c, wire = self.cfg, self.s, self.counters.serde, self.counters.wire
     temporal_on = cfg.compression.temporal.enabled
@@ -85,7 +77,7 @@ def summary(self, t0: float) -> dict:
         "wall_s": self.wall_before + time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
         "reuse_ratio": self.reuse.reuse_ratio,
         "reuse_ratio_by_epoch": [r["reuse_ratio"] for r in self.reuse.by_epoch],
-        "reuse_ratio_by_stream": reuse_by_stream(self),
+        "reuse_ratio_by_stream": self.reuse.by_stream(), "transfers_by_stream": self.reuse.transfers(),
         "threshold_by_epoch": [r["threshold"] if temporal_on else None for r in self.reuse.by_epoch],
         "client_cache_bytes": sum(st.cache_bytes for st in self.stats.values()),
         "server_cache_bytes": self.server.cache_bytes,

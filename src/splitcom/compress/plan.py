@@ -1,0 +1,84 @@
+"""The stream plan: how each stream one side of a run sends or receives is coded, read from the config once.
+
+Per tensor stream: the codec of what goes whole (FULL), temporal reuse (on or off, threshold, projection,
+what the summary is of, streak cap), the refresh of a drifted sample (FULL or a DELTA in its own codec),
+where the receiver keeps its copies, prompt-prefix sharing (act_up only: its sender alone knows the
+tokens) and the lossless entropy stage. The adapters travel by the same kind of plan (codec, refresh,
+delta codec, entropy). The stream ends (compress/pipeline.py), the client and the server (federation/)
+take their side's plan; a new per-stream knob is one field in config.py and one in ``StreamPlan``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from splitcom.config import Config, stream_value
+from splitcom.protocol.messages import Stream
+
+Side = Literal["client", "server"]
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """One stream's coding; the defaults are a plain fp32 stream."""
+
+    stream: Stream
+    codec: str = "fp32"  # FULL payloads
+    reuse: bool = False  # temporal reuse: REUSE(id) when the sample's summary has not drifted
+    # REUSE when cos(summaries) >= threshold; also the prefix test's (the controller moves it per epoch)
+    threshold: float = 1.0
+    projection_dim: int = 16  # r of the H x r random projection
+    seed: int = 0  # the projection's seed (with the stream's name): both ends can rebuild it
+    summary_of: str = "source"  # `source`: the tensor before the codec; `decoded`: what the receiver holds
+    max_reuse_streak: int | None = None  # force a FULL after this many REUSEs in a row
+    refresh: str = "full"  # a drifted sample goes `full`, or as a `delta` against the receiver's copy
+    delta_codec: str = "int4"  # codec of DELTA payloads (of adapter deltas, for the adapter plan)
+    store: str = "memory"  # where the receiver (and the sender's DELTA mirror) keeps tensors
+    prefix: bool = False  # shared prompt prefixes (act_up only)
+    entropy: str = "none"  # lossless stage after the codec
+    skip_reused: bool = False  # grad_down: no gradient for a sample whose activation was REUSEd
+
+
+@dataclass(frozen=True)
+class SidePlan:
+    """Every stream one side sends or receives, and its adapter exchange."""
+
+    side: Side
+    sends: dict[Stream, StreamPlan]  # tensor streams this side encodes
+    receives: dict[Stream, StreamPlan]  # tensor streams it decodes
+    adapters: StreamPlan  # the adapters it uploads (client) or sends down (server)
+
+    @property
+    def entropy(self) -> str:
+        """The entropy stage of every message this side sends (labels and adapters too)."""
+        return self.adapters.entropy
+
+    @property
+    def adapter_delta(self) -> str | None:
+        """Codec of adapter deltas, or None when adapters always travel whole."""
+        return self.adapters.delta_codec if self.adapters.refresh == "delta" else None
+
+
+def stream_plan(cfg: Config, side: Side) -> SidePlan:
+    """The plan of ``side`` in a run of ``cfg``. Streams do not depend on the cut: every cut of a model
+    carries tensors of its hidden size, which the stream ends take from the model."""
+    c, t = cfg.compression, cfg.compression.temporal
+    ushape = cfg.split.mode == "ushape"
+    up = [Stream.act_up] + ([Stream.grad_up] if ushape else [])
+    down = [Stream.grad_down] + ([Stream.act_down] if ushape else [])
+    on = set(t.streams) if t.enabled else set()
+
+    def plan(s: Stream) -> StreamPlan:
+        codec = c.codec if s.name.startswith("act") else c.grad_codec  # a codec, or a map by stream
+        return StreamPlan(s, codec=stream_value(codec, s.name, "fp32"), reuse=s.name in on,
+                          threshold=t.threshold_of(s.name), projection_dim=t.projection_dim, seed=cfg.train.seed,
+                          summary_of=t.summary_of, max_reuse_streak=t.max_reuse_streak, refresh=t.refresh,
+                          delta_codec=t.delta_codec_of(s.name), store=t.store, prefix=c.prefix and s == Stream.act_up,
+                          entropy=c.entropy,
+                          skip_reused=s == Stream.grad_down and t.enabled and t.reused_grad == "skip")
+
+    sends, receives = (up, down) if side == "client" else (down, up)
+    adapters = StreamPlan(Stream.adapters_up if side == "client" else Stream.adapters_down, codec=c.adapter_codec,
+                          refresh=c.adapter_refresh, delta_codec=c.adapter_delta_codec, entropy=c.entropy)
+    return SidePlan(side, {s: plan(s) for s in sends}, {s: plan(s) for s in receives}, adapters)

@@ -1,0 +1,213 @@
+"""Regression guard of the stream plan (issue 17): every row of bench/comm.py builds the same stream ends
+as before the plan existed, and short tiny-llama runs of a handful of rows send the same bytes per stream
+and end at the same validation loss.
+
+The reference figures were recorded from the code before issue 17 (commit e0b9683), with the settings
+below, on one torch thread: FINGERPRINTS hash what each row's client and server ends were built with
+(``fingerprint``), RUNS hold bytes per stream, final val loss and (FULL, REUSE, DELTA) per stream.
+"""
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitcom.compress.plan import StreamPlan, stream_plan
+from splitcom.config import build_config
+from splitcom.federation.setup import make_client, make_server, prepare
+from splitcom.federation.simulation import run
+from splitcom.protocol.messages import Stream
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "comm.py"
+BASE = {"model.name": "tiny-llama", "split.cut_layer": 2, "data.dataset": "synthetic",
+        "data.max_train_samples": 48, "data.max_eval_samples": 16, "data.max_length": 48,
+        "federation.num_clients": 3, "train.epochs": 2, "train.batch_size": 8, "train.lr": 0.0003,
+        "logging.progress": False}
+
+FINGERPRINTS = {
+    "baseline": "400027e4a86bc867",
+    "int8": "888c2dae098b8cb4",
+    "int4": "0b2eda9e8ae946a2",
+    "temporal@0.99": "1c2ac5aab7e9821a",
+    "temporal@0.999": "f904d8ac8b76162c",
+    "temporal@0.9999": "2329d762bf00962f",
+    "bangbang": "f904d8ac8b76162c",
+    "ddpg": "f904d8ac8b76162c",
+    "temporal+int8": "56e703a7850aa287",
+    "temporal+int4": "9a285fdf84efd1ec",
+    "temporal+int8+adapter-int8": "4a67f4cfacc271de",
+    "ushape": "f2b42ca31a696da2",
+    "ushape+temporal": "0bfe385b359e372a",
+    "ushape+temporal+int8": "022700a91df651a1",
+    "ushape+temporal+int8+adapter-int8": "6c39a8ccf05cf9ba",
+    "centralized": None,
+    "+delta": "81309a269a3347ff",
+    "+prefix": "7bd8515280d22fe4",
+    "+zstd": "8b3f07e9fe56c69b",
+    "all": "a58b3eeefd2efddc",
+    "all+int2": "c820fa55bcc4471a",
+    "all@0.995+int2": "02a6a700bf4a98a8",
+    "all@0.99": "f62263486dda0e1c",
+    "bangbang+all": "a58b3eeefd2efddc",
+    "ddpg+all": "a58b3eeefd2efddc",
+    "ushape+all": "b6084919a3397865",
+    "ushape+all+int2": "b81a2d57b764cfd4",
+    "ushape+all+adapter-int2": "d6442784dd5a2b68",
+    "ushape+all+int2+grad_up-int4": "8d880b847e9659e4",
+    "ushape+all+int2@0.9999": "b8d97d6fd03411bc",
+    "ushape+all+ef-sign": "1cab416c5d4e3c4f",
+    "ushape+all+ef-sign+grad_down-int4": "12f5581cb2f9f4c9",
+    "ushape+all+outliers": "8e99dcba2e98645b",
+    "ushape+all+outliers+adapter-sign1": "27c48d35ee96c1a1",
+    "ushape+outliers+grad_up-sign1o": "59e30a3944aacae1",
+    "ushape+outliers+grad_up-int4": "39f0599ec7acdcdd",
+    "ushape+outliers+grad_up-int4+grad-int4o": "cc49dc2164d666ae",
+    "ushape+outliers+grad_up-int4+grad_down-delta": "23d084daf1f29d1b",
+    "ushape+outliers+grad_up-int4+act_down-int4": "b4a4d9c41cb727a2",
+    "ushape+codec-map": "8af662b927467b96",
+    "ushape+codec-map+adapter-int2": "b3159b5e932e2a31",
+    "ushape+codec-map+adapter-int2+grad_up-int4o": "97868aec2ea46fde",
+    "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": "42f1b43439b4aaa6",
+    "ushape+temporal+int4": "21283637fb30cabd",
+}
+_ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
+RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
+    "baseline": ({"act_up": 1159648, **_ADAPTERS, "grad_down": 1159648, "labels_up": 9722},
+                 6.439469438544067, {"act_up": [96, 0, 0], "grad_down": [96, 0, 0]}),
+    "int4": ({"act_up": 164808, **_ADAPTERS, "grad_down": 1159648, "labels_up": 9722},
+             6.4394896898401495, {"act_up": [96, 0, 0], "grad_down": [96, 0, 0]}),
+    "temporal@0.99": ({"act_up": 580832, **_ADAPTERS, "grad_down": 1159648, "labels_up": 9722},
+                      6.439561131912442, {"act_up": [48, 48, 0], "grad_down": [96, 0, 0]}),
+    "+delta": ({"act_up": 170740, **_ADAPTERS, "grad_down": 1159648, "labels_up": 9722},
+               6.439547068512385, {"act_up": [48, 39, 9], "grad_down": [96, 0, 0]}),
+    "all": ({"act_up": 139525, "adapters_down": 20703, "adapters_up": 18398, "control": 795, "grad_down": 1044181,
+             "labels_up": 1734}, 6.439340617799539, {"act_up": [48, 39, 9], "grad_down": [96, 0, 0]}),
+    "bangbang+all": ({"act_up": 129122, "adapters_down": 20682, "adapters_up": 18401, "control": 795,
+                      "grad_down": 1044187, "labels_up": 1734},
+                     6.4393574938796085, {"act_up": [48, 48, 0], "grad_down": [96, 0, 0]}),
+    "ushape+temporal+int8": ({"act_down": 155764, "act_up": 155764, "adapters_down": 266334, "adapters_up": 266334,
+                              "control": 627, "grad_down": 155764, "grad_up": 155764}, 6.439630886376728,
+                             {"act_down": [48, 48, 0], "act_up": [48, 48, 0], "grad_down": [48, 48, 0],
+                              "grad_up": [48, 48, 0]}),
+    "ushape+codec-map": ({"act_down": 241554, "act_up": 128741, "adapters_down": 13236, "adapters_up": 13316,
+                          "control": 780, "grad_down": 22638, "grad_up": 211039}, 6.444627893685196,
+                         {"act_down": [48, 0, 48], "act_up": [48, 48, 0], "grad_down": [48, 48, 0],
+                          "grad_up": [48, 0, 48]}),
+    "ushape+all": ({"act_down": 203577, "act_up": 128719, "adapters_down": 30576, "adapters_up": 27226,
+                    "control": 789, "grad_down": 213683, "grad_up": 210934}, 6.439226422991071,
+                   {"act_down": [48, 0, 48], "act_up": [48, 48, 0], "grad_down": [48, 0, 48], "grad_up": [48, 0, 48]}),
+}
+
+
+def _rows() -> dict[str, list[str]]:
+    spec = importlib.util.spec_from_file_location("bench_comm", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ROWS
+
+
+ROWS = _rows()
+
+
+def row_cfg(name: str):
+    """The row's overrides on a tiny-llama run (U-shape rows cut at 1: tiny-llama has 4 blocks)."""
+    over = [f"{k}={v}" for k, v in BASE.items()] + ROWS[name]
+    if "split.mode=ushape" in ROWS[name]:
+        over.append("split.cut_layer=1")
+    return build_config({}, over)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the references were taken (and much quicker on a busy machine)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stream_plan_reads_every_setting_for_its_stream():
+    """Codec maps by stream, per-stream thresholds and DELTA codecs, reuse only where listed, prefixes on
+    act_up only, the skip of reused gradients on grad_down only; both ends of a stream share its plan."""
+    T = "compression.temporal"
+    cfg = build_config({}, ["split.mode=ushape", "train.seed=5", "compression.codec={act_up: int8, act_down: int8o}",
+                            "compression.grad_codec={grad_up: int4}", "compression.prefix=true",
+                            "compression.entropy=zstd", "compression.adapter_codec=int8",
+                            "compression.adapter_refresh=delta", f"{T}.enabled=true", f"{T}.streams=[act_up,grad_down]",
+                            f"{T}.threshold={{act_up: 0.99}}", f"{T}.delta_codec={{grad_down: int2}}",
+                            f"{T}.refresh=delta", f"{T}.reused_grad=skip", f"{T}.store=disk",
+                            f"{T}.max_reuse_streak=3", f"{T}.projection_dim=8"])
+    client, server = stream_plan(cfg, "client"), stream_plan(cfg, "server")
+    common = {"projection_dim": 8, "seed": 5, "max_reuse_streak": 3, "refresh": "delta", "store": "disk",
+              "entropy": "zstd"}
+    assert client.sends == {
+        Stream.act_up: StreamPlan(Stream.act_up, "int8", True, 0.99, prefix=True, **common),
+        Stream.grad_up: StreamPlan(Stream.grad_up, "int4", False, 0.999, **common)}
+    assert server.sends == {
+        Stream.grad_down: StreamPlan(Stream.grad_down, "fp32", True, 0.999, delta_codec="int2", skip_reused=True,
+                                     **common),
+        Stream.act_down: StreamPlan(Stream.act_down, "int8o", False, 0.999, **common)}
+    assert client.receives == server.sends and server.receives == client.sends
+    assert client.adapters == StreamPlan(Stream.adapters_up, "int8", refresh="delta", entropy="zstd")
+    assert server.adapters.stream == Stream.adapters_down and server.adapter_delta == client.adapter_delta == "int4"
+    standard = stream_plan(build_config({}, []), "server")
+    assert list(standard.sends) == [Stream.grad_down] and list(standard.receives) == [Stream.act_up]
+    assert standard.adapter_delta is None and standard.sends[Stream.grad_down] == StreamPlan(Stream.grad_down,
+                                                                                            threshold=0.999)
+
+
+def _outgoing(e) -> list:
+    s, r = e.sender, e._R
+    return [e.stream.name, e.codec.name, e.delta_codec.name, s is not None, None if s is None else s.max_reuse_streak,
+            e.threshold, e.summary_of, None if e.mirror is None else e.mirror.store, e.prefix is not None, e.entropy,
+            None if r is None else [list(r.shape), round(float(r.double().abs().sum()), 6)]]
+
+
+def _incoming(e) -> list:
+    return [e.stream.name, None if e.receiver is None else e.receiver.store, e.prefixes is not None]
+
+
+def fingerprint(s, cfg) -> dict:
+    """What a row's client (id 1) and server ends are built with: codecs, reuse, thresholds, summaries,
+    mirrors, prefixes, entropy, projections; adapter codecs; the skip of reused gradients."""
+    s, cut = dataclasses.replace(s, cfg=cfg), cfg.split.cut_layer
+    server, client = make_server(s, {0: cut, 1: cut}), make_client(s, 1, cut, None)
+    return {"client": {"out": [_outgoing(e) for e in client.out.values()],
+                       "in": [_incoming(e) for e in client.inc.values()],
+                       "adapter": [client.plan.adapters.codec, client.adapter_delta], "ushape": client.ushape,
+                       "layers": client.layers, "prefix": client.plan.sends[Stream.act_up].prefix,
+                       "entropy": client.plan.entropy},
+            "server": {"out": [_outgoing(e) for e in server.out[1].values()],
+                       "in": [_incoming(e) for e in server.inc[1].values()],
+                       "adapter": [server.plan.adapters.codec, server.adapter_delta],
+                       "skip": server.plan.sends[Stream.grad_down].skip_reused, "end": server.end,
+                       "entropy": server.plan.entropy}}
+
+
+def test_every_comm_row_builds_the_same_stream_ends():
+    assert set(ROWS) == set(FINGERPRINTS)
+    setups, wrong = {}, {}
+    for name, ref in FINGERPRINTS.items():
+        cfg = row_cfg(name)
+        if cfg.federation.mode != "sfl":
+            assert ref is None
+            continue
+        cut = cfg.split.cut_layer
+        if cut not in setups:
+            setups[cut] = prepare(cfg)
+        fp = fingerprint(setups[cut], cfg)
+        if hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16] != ref:
+            wrong[name] = fp
+    assert not wrong, json.dumps(wrong, indent=1)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_short_runs_send_the_same_bytes(name, tmp_path):
+    by_stream, val_loss, transfers = RUNS[name]
+    summary = run(row_cfg(name), tmp_path, progress=False)
+    assert summary["bytes_by_stream"] == by_stream
+    assert summary["val_loss"] == pytest.approx(val_loss, rel=0, abs=1e-6)
+    assert {s: [c["full"], c["reuse"], c["delta"]] for s, c in summary["transfers_by_stream"].items()} == transfers
