@@ -45,6 +45,21 @@ VARIANTS = {"fp32": [], "int4": ["compression.codec=int4"],
 NOISE = [0.0, 0.1, 0.3, 1.0]  # noise 1 already costs +63 % val ppl at cut 2 (0.5 would cost more than 5 %)
 
 
+NOTES = """Notes. The ppl cost is against the same variant without noise; the runs share data, partition and
+seed, so at noise 0 every cut gives the same val ppl (splitting does not change the maths). The price grows
+steeply and unevenly: noise 0.3 costs nothing at cut 1, about 5 % at cuts 2 and 8, a third at cut 4, and
+noise 1 over 60 % at cut 2, while the optimisation attack still reads the prompt at noise 0.3 at every cut.
+int4 is priced against int4 without noise; against fp32 it costs +14 % val ppl itself (6.877 vs 6.016). Part of the price is the first token, whose norm at cut 2 is 4x the median
+token's (a massive-activation attention sink, 10x at cut 4): noise scaled to its norm swamps it. Injected
+at inference only (no training, pretrained model, 32 dev samples, cut 2), noise 0.3 raised val ppl from
+13.92 to 19.38 with each token's own norm and to 17.69 with each token's noise capped at the sample's
+median token norm; noise 1: 3406 and 592. A cap like that is a cheaper variant of the defence to try; it
+is not what `privacy.noise` does. The noise is fresh on every FULL send, so a sample sent in several epochs
+gives the server independent noisy copies to average; no attack here averages them. Machine: 2 CPU cores
+shared with two other long benchmarks (load average 4-6 during the sweep); one torch thread; the last
+column is the wall time per point under that load."""
+
+
 def points() -> dict[str, dict]:
     """Most telling first (cut 2, the default: the whole noise sweep and noise 3, where reconstruction fades),
     then the other cuts, codec and reuse at noise 0 and 0.3, U-shape, then the rest of the grid: a sweep
@@ -58,6 +73,8 @@ def points() -> dict[str, dict]:
             if key not in first:
                 (first if n in (0.0, 0.3) else rest)[key] = {"cut": cut, "variant": variant, "noise": n}
     first["ushape-cut2-fp32-n0"] = {"cut": 2, "variant": "fp32", "noise": 0.0, "ushape": True}
+    for cut in (4, 8):  # where reconstruction fades at the deeper cuts
+        rest[f"cut{cut}-fp32-n3"] = {"cut": cut, "variant": "fp32", "noise": 3.0}
     return {**first, **rest}
 
 
@@ -146,6 +163,7 @@ def markdown(rows: dict) -> str:
             "no point within 5 %" if best is None else
             f"noise {best['noise']:g} ({cost(best, rows):+.1%} ppl): prompt ROUGE-L {worst_prompt_rouge(best):.3f}")
             + f" (noise levels measured: {', '.join(f'{x:g}' for x in sorted(r['noise'] for r in rs))})")
+    lines += ["", NOTES]
     ok = [n for n, r in rows.items() if worst_prompt_rouge(r) < 0.2 and (c := cost(r, rows)) is not None and c <= 0.05]
     lines += ["", "Goal (prompt ROUGE-L below 0.2 for both attacks at <= 5 % val ppl cost): "
               + (f"met by {', '.join(ok)}." if ok else "no measured setting meets it."), ""]
@@ -165,8 +183,10 @@ def plot(rows: dict, path: Path) -> None:
             if r.get("ushape"):
                 continue
             c = cost(r, rows)
+            if c is None:  # its variant's noise-0 point is not measured yet
+                continue
             y = max(v for a in ("learned", "optimisation") if (v := _g(r, "act_up", a, part, "rouge_l")) is not None)
-            groups.setdefault(f"cut {r['cut']} {r['variant']}", []).append((100 * (c or 0.0), y, r["noise"]))
+            groups.setdefault(f"cut {r['cut']} {r['variant']}", []).append((100 * c, y, r["noise"]))
         for label, pts in groups.items():
             pts.sort(key=lambda t: t[2])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
