@@ -124,6 +124,16 @@ class Outgoing:
         if self.prefix is not None:
             self.prefix.entries.clear()
 
+    def cache_state(self) -> dict:
+        """What this end remembers of the receiver (summaries, the DELTA mirror, prefixes), for a checkpoint."""
+        return {k: None if x is None else x.state() for k, x in
+                (("sender", self.sender), ("mirror", self.mirror), ("prefix", self.prefix))}
+
+    def load_cache_state(self, st: dict) -> None:
+        for k, x in (("sender", self.sender), ("mirror", self.mirror), ("prefix", self.prefix)):
+            if x is not None:
+                x.load_state(st[k])
+
     @property
     def cache_bytes(self) -> int:
         """Sender memory: summaries, the mirror of the receiver's tensors (DELTA) and of its prefixes."""
@@ -231,6 +241,37 @@ class Incoming:
     @property
     def cache_bytes(self) -> int:
         return sum(0 if x is None else x.memory_bytes for x in (self.receiver, self.prefixes))
+
+    def cache_state(self) -> dict:
+        """The held tensors and prefix rows, for a checkpoint."""
+        return {k: None if x is None else x.state() for k, x in (("receiver", self.receiver),
+                                                                   ("prefixes", self.prefixes))}
+
+    def load_cache_state(self, st: dict) -> None:
+        for k, x in (("receiver", self.receiver), ("prefixes", self.prefixes)):
+            if x is not None:
+                x.load_state(st[k])
+
+
+def cache_state(out: dict, inc: dict) -> dict[str, dict]:
+    """Both kinds of ends' caches by stream name ("<stream>/out", "<stream>/in")."""
+    return {**{f"{s.name}/out": e.cache_state() for s, e in out.items()},
+            **{f"{s.name}/in": e.cache_state() for s, e in inc.items()}}
+
+
+def load_cache_state(out: dict, inc: dict, st: dict[str, dict], where: str) -> None:
+    """Restore ``cache_state``; a stream end the checkpoint does not cover is a UserError naming ``where``."""
+    from splitcom.errors import UserError
+
+    for suffix, ends in (("out", out), ("in", inc)):
+        for s, e in ends.items():
+            key = f"{s.name}/{suffix}"
+            if all(v is None for v in e.cache_state().values()):
+                continue  # nothing cached on this end (no reuse, DELTA or prefixes)
+            if key not in st:
+                raise UserError(f"has no caches of the {key} stream end that this config uses (written by an "
+                                "older splitcom or another config): it cannot be resumed exactly", where=where)
+            e.load_cache_state(st[key])
 
 
 def stream_ends(plan: SidePlan, hidden: int, cache_dir: str | None = None) -> tuple[dict, dict]:

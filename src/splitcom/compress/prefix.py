@@ -86,6 +86,14 @@ class PrefixSender:
     def memory_bytes(self) -> int:
         return sum(e.summary.numel() * 4 + e.held.numel() * 4 + 8 * len(e.tokens) for e in self.entries.values())
 
+    def state(self) -> dict:
+        return {"entries": {k: [list(e.tokens), e.summary, e.held, e.batch] for k, e in self.entries.items()},
+                "batch": self.batch, "rows_shared": self.rows_shared}
+
+    def load_state(self, st: dict) -> None:
+        self.entries = {int(k): _Entry(tuple(t), s, h, int(b)) for k, (t, s, h, b) in st["entries"].items()}
+        self.batch, self.rows_shared = int(st["batch"]), int(st["rows_shared"])
+
 
 class PrefixStore:
     """The receiver's rows per key. Unknown keys and short entries are protocol errors, never zeros."""
@@ -104,6 +112,12 @@ class PrefixStore:
 
     def update(self, staged: dict[int, torch.Tensor]) -> None:
         self.rows.update(staged)
+
+    def state(self) -> dict:
+        return {"rows": dict(self.rows)}
+
+    def load_state(self, st: dict) -> None:
+        self.rows = {int(k): v for k, v in st["rows"].items()}
 
     @property
     def memory_bytes(self) -> int:

@@ -84,6 +84,16 @@ class TemporalSender:
     def memory_bytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.summaries.values())
 
+    def state(self) -> dict:
+        """Summaries and streaks, for a checkpoint (a resumed run then decides REUSE exactly as before)."""
+        return {"summaries": dict(self.summaries), "streak": dict(self.streak),
+                "last_similarity": dict(self.last_similarity)}
+
+    def load_state(self, st: dict) -> None:
+        self.summaries = {int(k): v for k, v in st["summaries"].items()}
+        self.streak = {int(k): int(v) for k, v in st["streak"].items()}
+        self.last_similarity = {int(k): float(v) for k, v in st["last_similarity"].items()}
+
 
 class TemporalReceiver:
     """The last FULL tensor per sample id; REUSE of an unknown id is a protocol error, never zeros."""
@@ -129,6 +139,15 @@ class TemporalReceiver:
     def memory_bytes(self) -> int:
         """Bytes held by the cache (RAM for `memory`, disk for `disk`)."""
         return sum(int(np.prod(s)) * 4 for s in self._shapes.values())
+
+    def state(self) -> dict:
+        """Every held tensor (read back from a disk store too: the files change after the checkpoint)."""
+        return {"rows": {sid: self.get(sid, shape[0]) for sid, shape in self._shapes.items()}}
+
+    def load_state(self, st: dict) -> None:
+        self.clear()
+        for sid, x in st["rows"].items():
+            self.put(int(sid), x)
 
     def clear(self) -> None:
         if self.store == "disk":

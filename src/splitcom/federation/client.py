@@ -12,7 +12,7 @@ import random
 import torch
 
 from splitcom.compress.adapter_delta import apply_delta, digest, same_layout
-from splitcom.compress.pipeline import end_counts, set_end_counts, stream_ends
+from splitcom.compress.pipeline import cache_state, end_counts, load_cache_state, set_end_counts, stream_ends
 from splitcom.compress.plan import SidePlan
 from splitcom.data.tokenize import IGNORE, Batch, Sample, collate
 from splitcom.errors import ProtocolError
@@ -153,14 +153,16 @@ class SplitClient:
         held = sum(t.numel() * t.element_size() for t in self.held.values()) if self.held else 0
         return held + sum(e.cache_bytes for e in [*self.out.values(), *self.inc.values()])
 
-    def state_dict(self) -> dict:
+    def state_dict(self, caches: bool = False) -> dict:
         """What a restarted client needs at a round boundary (its adapter is the global one there, but a
         shared bank or a cut rank makes its own copy the safe thing to keep)."""
         return {"cut": self.cut, "adapter": self.bank.state(self.adapter, self.layers, copy=False),
                 "optimizer": self.optimizer.state_dict(), "labels_sent": sorted(self.labels_sent),
-                "tokens_forwarded": self.tokens_forwarded, "ends": end_counts(self.out), "held": self.held}
+                "tokens_forwarded": self.tokens_forwarded, "ends": end_counts(self.out), "held": self.held,
+                **({"caches": cache_state(self.out, self.inc)} if caches else {})}
 
-    def load_state_dict(self, st: dict) -> None:
+    def load_state_dict(self, st: dict, where: str | None = None) -> None:
+        """``where``: the checkpoint, when its stream caches must be restored (simulation's exact resume)."""
         self.set_cut(st["cut"])
         self.bank.load(self.adapter, st["adapter"])
         self.optimizer.load_state_dict(st["optimizer"])
@@ -169,6 +171,8 @@ class SplitClient:
         set_end_counts(self.out, st["ends"])
         if st.get("held") is not None:
             self.hold(st["held"])
+        if where is not None:
+            load_cache_state(self.out, self.inc, st.get("caches", {}), where)
 
     def push_adapters(self, round_: int) -> None:
         state, codec, base = self.bank.state(self.adapter, self.layers), self.plan.adapters.codec, 0

@@ -14,7 +14,14 @@ from dataclasses import replace
 import torch
 
 from splitcom.compress.adapter_delta import HeldBySender, apply_delta, encode_delta, same_layout
-from splitcom.compress.pipeline import add_counts, end_counts, set_end_counts, stream_ends
+from splitcom.compress.pipeline import (
+    add_counts,
+    cache_state,
+    end_counts,
+    load_cache_state,
+    set_end_counts,
+    stream_ends,
+)
 from splitcom.compress.plan import SidePlan
 from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
@@ -334,19 +341,23 @@ class SplitServer:
             out.setdefault(self.body_adapter(cid), self.views[cid][1])
         return out
 
-    def state_dict(self) -> dict:
+    def state_dict(self, caches: bool = False) -> dict:
         """What a restarted server needs to go on from a round boundary: cuts, the global adapter, every
-        adapter set it trains with its optimizer state, the round, labels and stream counters. (Temporal
-        caches are not kept: after a restart both sides start them afresh, which is correct.)"""
+        adapter set it trains with its optimizer state, the round, labels and stream counters; with
+        ``caches`` also its stream ends' caches (simulation resumes exactly; a deployment's clients forget
+        what they sent when they rejoin, so both sides start their caches afresh there)."""
         with self._lock:
             banks = self.banks()
             return {"cuts": dict(self.cuts), "global": self.global_state, "round": self.round,
                     "adapters": {n: b.state(n, copy=False) for n, b in banks.items()},
                     "optimizers": {n: self.optimizers[n].state_dict() for n in banks},
                     "labels": self.labels, "ends": {cid: end_counts(self.out[cid]) for cid in self.cuts},
-                    "held": self.held.state_dict()}
+                    "held": self.held.state_dict(),
+                    **({"caches": {cid: cache_state(self.out[cid], self.inc[cid]) for cid in self.cuts}}
+                       if caches else {})}
 
-    def load_state_dict(self, st: dict) -> None:
+    def load_state_dict(self, st: dict, where: str | None = None) -> None:
+        """``where``: the checkpoint, when the stream caches must be restored (simulation's exact resume)."""
         self.global_state = dict(st["global"])
         self.bank.load(GLOBAL, self.global_state)
         for cid, cut in st["cuts"].items():  # before the adapters: a cut decides which blocks are held
@@ -361,6 +372,10 @@ class SplitServer:
             set_end_counts(self.out[int(cid)], counts)
         if self.adapter_delta is not None and "held" in st:
             self.held.load_state_dict(st["held"])
+        if where is not None:
+            caches = st.get("caches", {})
+            for cid in self.cuts:
+                load_cache_state(self.out[cid], self.inc[cid], caches.get(cid, {}), where)
 
     # ---- rounds -----------------------------------------------------------------------------
     def aggregate(self) -> dict[str, torch.Tensor]:

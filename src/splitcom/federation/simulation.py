@@ -2,9 +2,10 @@
 transport (same serde and byte counts as gRPC); adapters are aggregated every round; the global
 adapter is validated every epoch. Writes OUT/config.yaml, metrics.jsonl, summary.json, adapter/, and
 OUT/checkpoint.pt after every epoch, from which ``run(..., resume=True)`` goes on after a crash: a
-finished epoch is never lost. Without temporal reuse (whose caches are not kept and restart empty, which
-is correct) and without DDPG (warm-started from its saved agent) the resumed run ends exactly where an
-uninterrupted one does."""
+finished epoch is never lost. The checkpoint carries both ends' stream caches (reuse summaries, the held
+tensors and DELTA mirrors, prefix registries), the adapter mirrors and the controllers' state, so a resumed
+run ends exactly where an uninterrupted one does (DDPG aside: its agent is warm-started from its saved
+weights, not its replay buffer)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,15 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     if diff:
         raise UserError(f"the config differs from the run's own config.yaml in {', '.join(diff)} (resume takes "
                         "it as it is: drop those --set)", where=str(out / "config.yaml"))
-    return torch.load(path, weights_only=True)
+    ckpt = torch.load(path, weights_only=True)
+    c = cfg.compression
+    if cfg.federation.mode == "sfl" and (c.temporal.enabled or c.prefix):  # checked before anything is touched
+        states = [ckpt.get("server", {}), *ckpt.get("clients", [])]
+        if any("caches" not in st for st in states):
+            raise UserError("has no stream caches (reuse summaries, held tensors, prefixes), which this config "
+                            "needs to resume exactly: it was written by an older splitcom; start the run again "
+                            "(--force) or resume it with that version", where=str(path))
+    return ckpt
 
 
 def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = False) -> dict:
@@ -128,7 +137,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                  "wall_s": time.perf_counter() - t0, "metrics_bytes": log.size, "pending": log.pending,
                  "counter": counter.state_dict(), "rng": torch.get_rng_state()}
         if sfl:
-            state.update(server=server.state_dict(), clients=[c.state_dict() for c in workers],
+            state.update(server=server.state_dict(caches=True), clients=[c.state_dict(caches=True) for c in workers],
                          reuse=reuse.state_dict(), simulated_by_epoch=simulated_by_epoch,
                          fleet=fleet.state_dict())
             reuse.save_agent(out / DDPG_CHECKPOINT)
@@ -156,9 +165,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
         counter.load_state_dict(ckpt["counter"])
         torch.set_rng_state(ckpt["rng"])
         if sfl:
-            server.load_state_dict(ckpt["server"])
+            server.load_state_dict(ckpt["server"], where=str(out / CHECKPOINT))
             for c, st in zip(workers, ckpt["clients"], strict=True):
-                c.load_state_dict(st)
+                c.load_state_dict(st, where=str(out / CHECKPOINT))
                 c.channel.take_bytes()  # the join above is not part of the interrupted run's clock
             reuse.load_state_dict(ckpt["reuse"])
             simulated_by_epoch = ckpt["simulated_by_epoch"]
