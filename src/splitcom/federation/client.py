@@ -159,7 +159,8 @@ class SplitClient:
         return {"cut": self.cut, "adapter": self.bank.state(self.adapter, self.layers, copy=False),
                 "optimizer": self.optimizer.state_dict(), "labels_sent": sorted(self.labels_sent),
                 "tokens_forwarded": self.tokens_forwarded, "ends": end_counts(self.out), "held": self.held,
-                **({"caches": cache_state(self.out, self.inc)} if caches else {})}
+                **({"caches": cache_state(self.out, self.inc)} if caches else {}),
+                **({"noise": self.noise.gen.get_state()} if self.noise is not None else {})}
 
     def load_state_dict(self, st: dict, where: str | None = None) -> None:
         """``where``: the checkpoint, when its stream caches must be restored (simulation's exact resume)."""
@@ -173,6 +174,8 @@ class SplitClient:
             self.hold(st["held"])
         if where is not None:
             load_cache_state(self.out, self.inc, st.get("caches", {}), where)
+        if self.noise is not None and st.get("noise") is not None:  # privacy.noise goes on with the same draws
+            self.noise.gen.set_state(st["noise"])
 
     def push_adapters(self, round_: int) -> None:
         state, codec, base = self.bank.state(self.adapter, self.layers), self.plan.adapters.codec, 0
