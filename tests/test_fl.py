@@ -89,7 +89,7 @@ def test_fl_bytes_are_the_adapter_messages(tmp_path):
     ("split.mode", "ushape"), ("split.tail_layers", 2), ("split.cut_policy", "memory_fit"), ("split.cut_layer", 3),
     ("model.lora.cut_rank", 2), ("compression.temporal.enabled", True), ("compression.temporal.threshold", 0.9),
     ("compression.codec", "int8"), ("compression.grad_codec", "int4"), ("compression.prefix", True),
-    ("federation.server_adapters", "shared"), ("federation.schedule", "fifo"),
+    ("federation.server_adapters", "shared"), ("federation.schedule", "fifo"), ("privacy.noise", 0.3),
 ])
 def test_split_only_keys_are_refused_in_fl(key, value):
     with pytest.raises(UserError) as err:

@@ -131,6 +131,7 @@ VOLATILE = {"wall_s", "peak_rss_bytes"}
     ({"federation.mode": "fl"}, True),  # federated LoRA: the clients' full-model optimizer state, adapter mirrors
     ({"federation.mode": "fl", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
       "compression.entropy": "zstd", "federation.aggregate_every": 1}, True),
+    ({"privacy.noise": 0.5, "compression.codec": "int8"}, True),  # the noise goes on with the same draws
     ({"split.mode": "ushape", "split.tail_layers": 1, "compression.temporal.enabled": True,
       "compression.temporal.threshold": 0.3, "compression.temporal.refresh": "delta",
       "compression.temporal.store": "disk", "compression.temporal.streams": ["act_up", "act_down", "grad_up",

@@ -19,7 +19,7 @@ console = Console(stderr=True)
 
 @app.callback()
 def _group() -> None:
-    """Split federated LoRA fine-tuning of LLMs: run, (later) server, client, eval, score, report, export."""
+    """Split federated LoRA fine-tuning of LLMs: run, server, client, eval, score, report, export, audit."""
 
 
 def _fail(err: UserError) -> None:
@@ -91,10 +91,12 @@ app.command("report")(report_cmd)
 app.command("export")(export_cmd)
 
 
+from splitcom.cli_audit import audit_cmd  # noqa: E402
 from splitcom.deploy.cli import client_cmd, server_cmd  # noqa: E402
 
 app.command("server")(server_cmd)
 app.command("client")(client_cmd)
+app.command("audit")(audit_cmd)
 
 
 def main() -> None:  # pragma: no cover

@@ -313,6 +313,26 @@ class LoggingCfg(_Strict):
     tensorboard: bool = Field(False, description="Also write the metrics as TensorBoard scalars to OUT/tensorboard.")
 
 
+class PrivacyCfg(_Strict):
+    """A defence against what the server can read from act_up (see ``splitcom audit``)."""
+
+    noise: float = Field(
+        0.0, description="Gaussian noise on act_up, added on the client before the codec and temporal reuse: "
+        "per token, std noise * ||x_t|| / sqrt(H) per value after clipping (so `noise` is the noise-to-signal "
+        "norm ratio of a token); 0: off. Both the server's training and what it can reconstruct see it. SFL only: "
+        "the centralized baseline has no wire and ignores it.")
+    clip: float | None = Field(
+        None, gt=0, description="Clip each act_up token's L2 norm to this before the noise (None: no clipping); "
+        "the noise scales with the clipped norm.")
+
+    @field_validator("noise")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not v >= 0 or v == float("inf"):  # NaN fails every comparison
+            raise ValueError("must be a finite number >= 0")
+        return v
+
+
 class Config(_Strict):
     model: ModelCfg = Field(default_factory=ModelCfg)
     split: SplitCfg = Field(default_factory=SplitCfg)
@@ -321,6 +341,7 @@ class Config(_Strict):
     train: TrainCfg = Field(default_factory=TrainCfg)
     compression: CompressionCfg = Field(default_factory=CompressionCfg)
     logging: LoggingCfg = Field(default_factory=LoggingCfg)
+    privacy: PrivacyCfg = Field(default_factory=PrivacyCfg)
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -366,7 +387,8 @@ def _format_error(err: ValidationError) -> str:
 # Keys that describe a split (where the model is cut, what crosses the cut, how the server serves the steps):
 # federated LoRA (`federation.mode=fl`) has no cut, so one of them set away from its default is a mistake.
 SPLIT_ONLY = ("split.", "model.lora.cut_rank", "compression.codec", "compression.grad_codec", "compression.prefix",
-              "compression.temporal.", "federation.server_adapters", "federation.schedule")
+              "compression.temporal.", "federation.server_adapters", "federation.schedule",
+              "privacy.")  # (privacy.noise acts on act_up, which fl never sends)
 
 
 def check_mode(cfg: Config) -> Config:

@@ -52,6 +52,7 @@ class SplitClient:
         self.hold()
         self.labels_sent: set[int] = set()  # standard mode: the server caches labels, each goes up once
         self.tokens_forwarded = 0
+        self.noise = None  # privacy.noise on act_up (compress/noise.py), set by make_client
 
     def hold(self, tensors: dict[str, torch.Tensor] | None = None) -> None:
         """Remember the adapter state the server also has (the start, or what a pull delivered) as the
@@ -110,8 +111,10 @@ class SplitClient:
         # prompt token ids per sample (the leading positions whose label is IGNORE), for prefix sharing
         prompts = [tuple(batch.input_ids[i, : prompt_length(batch.labels[i])].tolist()) for i in range(len(sids))] \
             if self.plan.sends[Stream.act_up].prefix else None
-        reply = self.channel.request(self.out[Stream.act_up].message(self.cid, step, sids, unpad(h.detach(), lengths),
-                                                                     tokens=prompts))
+        rows = unpad(h.detach(), lengths)
+        if self.noise is not None:  # the defence: before the codec and reuse, so they see what the server sees
+            rows = self.noise(rows)
+        reply = self.channel.request(self.out[Stream.act_up].message(self.cid, step, sids, rows, tokens=prompts))
         loss = reply.scalar
         if self.ushape:  # reply is act_down: run the tail and the loss here, send the gradient up
             h2 = pad(self.inc[Stream.act_down].decode(reply, sids), h.shape[1]).to(self.device).requires_grad_(True)
@@ -156,7 +159,8 @@ class SplitClient:
         return {"cut": self.cut, "adapter": self.bank.state(self.adapter, self.layers, copy=False),
                 "optimizer": self.optimizer.state_dict(), "labels_sent": sorted(self.labels_sent),
                 "tokens_forwarded": self.tokens_forwarded, "ends": end_counts(self.out), "held": self.held,
-                **({"caches": cache_state(self.out, self.inc)} if caches else {})}
+                **({"caches": cache_state(self.out, self.inc)} if caches else {}),
+                **({"noise": self.noise.gen.get_state()} if self.noise is not None else {})}
 
     def load_state_dict(self, st: dict, where: str | None = None) -> None:
         """``where``: the checkpoint, when its stream caches must be restored (simulation's exact resume)."""
@@ -170,6 +174,8 @@ class SplitClient:
             self.hold(st["held"])
         if where is not None:
             load_cache_state(self.out, self.inc, st.get("caches", {}), where)
+        if self.noise is not None and st.get("noise") is not None:  # privacy.noise goes on with the same draws
+            self.noise.gen.set_state(st["noise"])
 
     def push_adapters(self, round_: int) -> None:
         state, codec, base = self.bank.state(self.adapter, self.layers), self.plan.adapters.codec, 0

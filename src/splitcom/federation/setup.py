@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from splitcom.compress.noise import act_noise
 from splitcom.compress.plan import stream_plan
 from splitcom.config import Config
 from splitcom.data import load_dataset
@@ -111,7 +112,9 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
     whose ``cut`` is the number of blocks)."""
     cfg, t = s.cfg, s.cfg.train
     kind = FLClient if cfg.federation.mode == "fl" else SplitClient
-    return kind(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
-                stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
-                pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
-                cut_rank=cfg.model.lora.cut_rank)
+    client = kind(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
+                  stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
+                  pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
+                  cut_rank=cfg.model.lora.cut_rank)
+    client.noise = act_noise(cfg.privacy, t.seed, cid)  # the privacy defence on act_up (compress/noise.py)
+    return client

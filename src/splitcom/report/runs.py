@@ -26,6 +26,7 @@ class RunData:
     summary: dict = field(default_factory=dict)
     scores: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)  # flattened: {"train.lr": 0.003, ...}
+    audit: dict = field(default_factory=dict)  # audit.json of `splitcom audit` (what the server reconstructs)
 
     def of(self, event: str) -> list[dict]:
         return [e for e in self.events if e.get("event") == event]
@@ -104,7 +105,7 @@ def load_run(path: str | Path, label: str | None = None) -> RunData:
         except yaml.YAMLError:
             raise UserError("config.yaml is not valid YAML", where=str(p / "config.yaml")) from None
     return RunData(p, label or p.resolve().name, _read_events(metrics), _read_json(p / "summary.json"),
-                   _read_json(p / "eval" / "scores.json"), config)
+                   _read_json(p / "eval" / "scores.json"), config, _read_json(p / "audit.json"))
 
 
 def load_runs(paths: list[str | Path]) -> list[RunData]:

@@ -139,7 +139,30 @@ def headline(runs: list[RunData]) -> list[Row]:
         for name in METRIC_NAMES:
             rows.append((name, _plain(lambda r, n=name: None if r.scores.get(n) is None
                                       else f"{r.scores[n]:.4f}")))
+    if any(r.audit for r in runs):
+        rows += audit_rows(runs)
     return [(label, cells(runs)) for label, cells in rows]
+
+
+def _audit_cell(r: RunData, stream: str, part: str) -> str | None:
+    """``learned / optimisation`` ROUGE-L (token accuracy) of one part, as `splitcom audit` measured it."""
+    attacks = r.audit.get("streams", {}).get(stream)
+    if not attacks:
+        return None
+    cells = [f"{a} {v['rouge_l']:.3f} ({v['token_acc']:.0%})" for a, res in attacks.items()
+             if (v := res.get(part, {})).get("rouge_l") is not None and v.get("token_acc") is not None]
+    return " / ".join(cells) or None
+
+
+def audit_rows(runs: list[RunData]) -> list[tuple[str, Callable[[list[RunData]], list[str]]]]:
+    rows: list[tuple[str, Callable[[list[RunData]], list[str]]]] = [
+        ("audit: noise, dev samples", _plain(lambda r: None if not r.audit else
+                                             f"{r.audit.get('noise', 0):g}, {r.audit.get('dev_samples')}"))]
+    for stream in [s for s in ("act_up", "act_down") if any(s in r.audit.get("streams", {}) for r in runs)]:
+        for part in ("prompt", "completion"):
+            rows.append((f"audit {stream} {part}: ROUGE-L (token acc)",
+                         _plain(lambda r, s=stream, p=part: _audit_cell(r, s, p))))
+    return rows
 
 
 def config_diff(runs: list[RunData]) -> list[Row]:
