@@ -180,10 +180,14 @@ def load_model(name: str, cache_dir: str | None = None) -> tuple[PreTrainedModel
             raise UserError(f"{path} is not a loadable HF model directory: {str(err).splitlines()[0]}",
                             where="model.name") from None
     elif HF_ID.match(name):
+        from huggingface_hub import try_to_load_from_cache
+
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        try:
-            model, tok = _from_pretrained(name, local_only=True)  # the HF cache: no network at all
-        except (OSError, ValueError):
+        # the HF cache first, asked directly: from_pretrained(local_files_only=True) still looks for an
+        # adapter_config.json on the Hub (minutes of retries offline)
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            model, tok = _from_pretrained(name, local_only=True)
+        else:
             if offline or not _hub_reachable():
                 why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
                 raise UserError(f"cannot load {name!r}: {why} and it is not in the local HF cache (built-in "
