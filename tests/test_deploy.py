@@ -234,18 +234,14 @@ def test_dead_and_hung_clients_are_dropped_and_rejoin(procs, tmp_path):
     assert summary["val_loss"] < summary["initial_val_loss"]
 
 
-def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
-    """The server dies mid-round (after 7 of 12 step turns: round 2 of 4); `splitcom server --resume OUT`
-    on the same port continues from round 1's checkpoint; the three surviving clients replay round 2
-    from the last global adapter and their round-start optimizer state. The final adapters and
-    metrics equal an uninterrupted simulation's."""
-    tree = _setup(tmp_path)
+def _crash_and_resume(procs, tmp_path, tree, **fault):
+    """The server dies in round 2 of 4 (``fault``), three client threads survive it, `splitcom server --resume`
+    finishes the run: (out, deployed summary, simulation summary), the adapters already checked equal."""
     out = tmp_path / "deploy"
-    server, address = _server(procs, out, env=_env(SERVER_EXIT_AFTER_TURNS=7))
+    server, address = _server(procs, out, env=_env(**fault))
     clients = [_thread_client(address, cid) for cid in range(3)]  # they survive the server: threads here
     assert procs.wait(server) == 17, procs.log("server0")
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ckpt["next_round"] == 2  # rounds 0 and 1 were finished and checkpointed
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["next_round"] == 2  # rounds 0, 1 checkpointed
     resumed, _ = _server(procs, out, "--resume", str(out), bind=address)
     sim = _sim(tree, tmp_path / "sim")
     assert procs.wait(resumed) == 0, procs.log("server1")
@@ -253,6 +249,15 @@ def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
     assert _adapters_equal(out, tmp_path / "sim")
     dep = json.loads((out / "summary.json").read_text())
     assert dep["resumed_at_rounds"] == [2]
+    return out, dep, sim
+
+
+def test_server_resume_equals_uninterrupted_run(procs, tmp_path):
+    """The server dies mid-round (after 7 of 12 step turns: round 2 of 4); `splitcom server --resume OUT`
+    on the same port continues from round 1's checkpoint; the three surviving clients replay round 2
+    from the last global adapter and their round-start optimizer state. The final adapters and
+    metrics equal an uninterrupted simulation's."""
+    out, dep, sim = _crash_and_resume(procs, tmp_path, _setup(tmp_path), SERVER_EXIT_AFTER_TURNS=7)
     assert dep["val_loss_by_epoch"] == sim["val_loss_by_epoch"]
     assert dep["train_loss_by_epoch"] == sim["train_loss_by_epoch"]
     for stream in ("act_up", "grad_down", "adapters_up"):  # what the dead server got of round 2 is not counted
@@ -270,19 +275,7 @@ def test_fl_server_resume_equals_uninterrupted_run(procs, tmp_path):
     """Federated LoRA: the server dies after 7 of 12 uploads (in round 2 of 4, no step turns in fl); resumed
     from round 1's checkpoint, the surviving clients train round 2 again from its start (the global adapter,
     their round-start optimizer state) and the run ends as `splitcom run` ends."""
-    tree = _setup(tmp_path, mode="fl")
-    out = tmp_path / "deploy"
-    server, address = _server(procs, out, env=_env(SERVER_EXIT_AFTER_UPLOADS=7))
-    clients = [_thread_client(address, cid) for cid in range(3)]
-    assert procs.wait(server) == 17, procs.log("server0")
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["next_round"] == 2
-    resumed, _ = _server(procs, out, "--resume", str(out), bind=address)
-    sim = _sim(tree, tmp_path / "sim")
-    assert procs.wait(resumed) == 0, procs.log("server1")
-    assert [c.join()["rejoins"] for c in clients] == [1, 1, 1]
-    assert _adapters_equal(out, tmp_path / "sim")
-    dep = json.loads((out / "summary.json").read_text())
-    assert dep["resumed_at_rounds"] == [2]
+    out, dep, sim = _crash_and_resume(procs, tmp_path, _setup(tmp_path, mode="fl"), SERVER_EXIT_AFTER_UPLOADS=7)
     for key in ("val_loss_by_epoch", "train_loss_by_epoch", "train_tokens"):
         assert dep[key] == sim[key], key
     assert dep["bytes_by_stream"]["adapters_up"] == sim["bytes_by_stream"]["adapters_up"]
