@@ -124,6 +124,11 @@ class Outgoing:
         if self.prefix is not None:
             self.prefix.entries.clear()
 
+    @property
+    def caches(self) -> bool:
+        """Whether this end keeps anything a checkpoint must carry."""
+        return any(x is not None for x in (self.sender, self.mirror, self.prefix))
+
     def cache_state(self) -> dict:
         """What this end remembers of the receiver (summaries, the DELTA mirror, prefixes), for a checkpoint."""
         return {k: None if x is None else x.state() for k, x in
@@ -242,6 +247,10 @@ class Incoming:
     def cache_bytes(self) -> int:
         return sum(0 if x is None else x.memory_bytes for x in (self.receiver, self.prefixes))
 
+    @property
+    def caches(self) -> bool:
+        return self.receiver is not None or self.prefixes is not None
+
     def cache_state(self) -> dict:
         """The held tensors and prefix rows, for a checkpoint."""
         return {k: None if x is None else x.state() for k, x in (("receiver", self.receiver),
@@ -266,7 +275,7 @@ def load_cache_state(out: dict, inc: dict, st: dict[str, dict], where: str) -> N
     for suffix, ends in (("out", out), ("in", inc)):
         for s, e in ends.items():
             key = f"{s.name}/{suffix}"
-            if all(v is None for v in e.cache_state().values()):
+            if not e.caches:
                 continue  # nothing cached on this end (no reuse, DELTA or prefixes)
             if key not in st:
                 raise UserError(f"has no caches of the {key} stream end that this config uses (written by an "
