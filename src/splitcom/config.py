@@ -311,6 +311,11 @@ class LoggingCfg(_Strict):
     progress: bool = Field(True, description="Show a live progress display.")
     log_every: int = Field(1, ge=1, description="Write a `step` record to metrics.jsonl every N steps.")
     tensorboard: bool = Field(False, description="Also write the metrics as TensorBoard scalars to OUT/tensorboard.")
+    drift: bool = Field(
+        False, description="Measure how far each sent tensor stream really drifts between a sample's sightings "
+        "(1 - cos of the tensor itself, also per-channel normalised and against the receiver's copy) and log "
+        "median/p90 per epoch in the `reuse` events (simulation). A diagnostic: each sender keeps two float16 "
+        "copies of every sample's tensor.")
 
 
 class PrivacyCfg(_Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from splitcom.compress.codecs import get_codec
+from splitcom.compress.drift import DriftProbe
 from splitcom.compress.plan import SidePlan, StreamPlan
 from splitcom.compress.prefix import PrefixSender, PrefixStore
 from splitcom.compress.temporal import TemporalReceiver, TemporalSender, projection
@@ -47,6 +48,7 @@ class Outgoing:
         self._R = self.sender.R if self.sender is not None else \
             projection(hidden, min(p.projection_dim, hidden), p.seed, stream.name) if p.prefix else None
         self.entropy = p.entropy
+        self.drift = DriftProbe() if p.measure_drift else None  # a diagnostic, not part of the mechanism
         self.sent_full = self.sent_reuse = self.sent_delta = 0
         self.bytes_saved = 0  # payload bytes not sent thanks to REUSE, DELTA and shared prefixes
         self.delta_bytes = self.prefix_bytes_saved = 0
@@ -64,10 +66,15 @@ class Outgoing:
             self.sender.mark_sent(sample_id, row if self.summary_of == "source" else held())
         if self.mirror is not None:
             self.mirror.put(sample_id, held())
+        if self.drift is not None:
+            self.drift.was_sent(sample_id, row)
 
     def encode(self, sample_id: int, row: torch.Tensor, tokens: tuple[int, ...] | None = None) -> SampleTensor:
         n, h = row.shape[0], self.hidden  # row: [T_i, H]
-        if self.sender is not None and self.sender.should_reuse(sample_id, row, self.threshold):
+        reuse = self.sender is not None and self.sender.should_reuse(sample_id, row, self.threshold)
+        if self.drift is not None:
+            self.drift.sighting(sample_id, row, self.sender.similarity(sample_id, row) if self.sender else None)
+        if reuse:
             self.sender.mark_reused(sample_id)
             self.sent_reuse += 1
             self.bytes_saved += self.codec.nbytes(n, h)
@@ -127,17 +134,20 @@ class Outgoing:
     @property
     def caches(self) -> bool:
         """Whether this end keeps anything a checkpoint must carry."""
-        return any(x is not None for x in (self.sender, self.mirror, self.prefix))
+        return any(x is not None for x in (self.sender, self.mirror, self.prefix, self.drift))
 
     def cache_state(self) -> dict:
-        """What this end remembers of the receiver (summaries, the DELTA mirror, prefixes), for a checkpoint."""
+        """What this end remembers of the receiver (summaries, the DELTA mirror, prefixes), for a checkpoint;
+        and the drift probe's tensors, so a resumed run measures drift across the interruption."""
         return {k: None if x is None else x.state() for k, x in
-                (("sender", self.sender), ("mirror", self.mirror), ("prefix", self.prefix))}
+                (("sender", self.sender), ("mirror", self.mirror), ("prefix", self.prefix), ("drift", self.drift))}
 
     def load_cache_state(self, st: dict) -> None:
         for k, x in (("sender", self.sender), ("mirror", self.mirror), ("prefix", self.prefix)):
             if x is not None:
                 x.load_state(st[k])
+        if self.drift is not None:
+            self.drift.load_state(st.get("drift"))
 
     @property
     def cache_bytes(self) -> int:

@@ -38,6 +38,7 @@ class StreamPlan:
     prefix: bool = False  # shared prompt prefixes (act_up only)
     entropy: str = "none"  # lossless stage after the codec
     skip_reused: bool = False  # grad_down: no gradient for a sample whose activation was REUSEd
+    measure_drift: bool = False  # a diagnostic: record the tensors' true drift between sightings (compress/drift.py)
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def stream_plan(cfg: Config, side: Side) -> SidePlan:
                           threshold=t.threshold_of(s.name), projection_dim=t.projection_dim, seed=cfg.train.seed,
                           summary_of=t.summary_of, max_reuse_streak=t.max_reuse_streak, refresh=t.refresh,
                           delta_codec=t.delta_codec_of(s.name), store=t.store, prefix=c.prefix and s == Stream.act_up,
-                          entropy=c.entropy,
+                          entropy=c.entropy, measure_drift=cfg.logging.drift,
                           skip_reused=s == Stream.grad_down and t.enabled and t.reused_grad == "skip")
 
     sends, receives = (up, down) if side == "client" else (down, up)

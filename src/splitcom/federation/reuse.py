@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from splitcom.compress.control import IntervalStats, make_controller
+from splitcom.compress.drift import KINDS, stats
 from splitcom.compress.pipeline import add_counts
 from splitcom.config import TemporalCfg
 from splitcom.errors import UserError
@@ -49,9 +50,7 @@ class ReuseControl:
         if stream == "act_up":  # deployment's client stats expose act_up only, under these names
             return [sum(c.sent_full for c in self.clients), sum(c.sent_reuse for c in self.clients),
                     sum(c.bytes_saved for c in self.clients)]
-        ends = [e for c in self.clients for st, e in getattr(c, "out", {}).items() if st.name == stream]
-        if self.server is not None:
-            ends += [e for by in self.server.out.values() for st, e in by.items() if st.name == stream]
+        ends = [e for name, e in self._ends() if name == stream]
         return [sum(e.sent_full for e in ends), sum(e.sent_reuse for e in ends), sum(e.bytes_saved for e in ends)]
 
     def begin_epoch(self, bytes_by_stream: dict[str, int]) -> None:
@@ -74,6 +73,8 @@ class ReuseControl:
                   "act_up_bytes_without_reuse": per.get("act_up", main)["bytes_without_reuse"], "val_loss": val_loss}
         if len(self.streams) > 1:
             record["streams"] = per
+        if drift := self.drift():
+            record["drift"] = drift
         self.by_epoch.append(record)
         for s, ctrl in self.controllers.items():
             self.thresholds[s] = ctrl.update(IntervalStats(
@@ -81,6 +82,23 @@ class ReuseControl:
                 reuse_ratio=per[s]["reuse_ratio"], val_loss=val_loss, bytes_sent=per[s]["bytes"],
                 bytes_full=per[s]["bytes_without_reuse"]))
         return record
+
+    def _ends(self) -> list:
+        ends = [(st.name, e) for c in self.clients for st, e in getattr(c, "out", {}).items()]
+        if self.server is not None:
+            ends += [(st.name, e) for by in self.server.out.values() for st, e in by.items()]
+        return ends
+
+    def drift(self) -> dict[str, dict]:
+        """The epoch's true drift by stream (``logging.drift``; compress/drift.py), from every sending end."""
+        values: dict[str, dict[str, list[float]]] = {}
+        for name, e in self._ends():
+            if getattr(e, "drift", None) is not None:
+                got = e.drift.take()
+                acc = values.setdefault(name, {k: [] for k in KINDS})
+                for k in KINDS:
+                    acc[k] += got[k]
+        return {name: st for name, v in sorted(values.items()) if (st := stats(v))}
 
     @property
     def reuse_ratio(self) -> float:
