@@ -28,6 +28,13 @@ def prompt_length(labels: torch.Tensor) -> int:
     return int(scored[0]) if len(scored) else int(labels.shape[0])
 
 
+def epoch_batches(samples: list[Sample], epoch: int, cid: int, seed: int, batch_size: int, pad_id: int) -> list[Batch]:
+    """Client ``cid``'s batches of ``epoch``: its samples in a seeded order (the clock replay rebuilds them)."""
+    order = list(samples)
+    random.Random(f"{seed}/{epoch}/{cid}").shuffle(order)
+    return [collate(order[i : i + batch_size], pad_id) for i in range(0, len(order), batch_size)]
+
+
 class SplitClient:
     def __init__(self, cid: int, split: SplitModel, bank: AdapterBank, cut: int, channel: Channel,
                  samples: list[Sample], plan: SidePlan, *, lr: float, weight_decay: float = 0.0, batch_size: int = 8,
@@ -87,9 +94,7 @@ class SplitClient:
         return len(self.samples)
 
     def epoch_batches(self, epoch: int) -> list[Batch]:
-        order = list(self.samples)
-        random.Random(f"{self.seed}/{epoch}/{self.cid}").shuffle(order)
-        return [collate(order[i : i + self.batch_size], self.pad_id) for i in range(0, len(order), self.batch_size)]
+        return epoch_batches(self.samples, epoch, self.cid, self.seed, self.batch_size, self.pad_id)
 
     def join(self) -> dict:
         return self.channel.request(ControlMsg(self.cid, 0, "join", {"num_samples": self.num_samples})).body

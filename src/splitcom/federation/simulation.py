@@ -132,7 +132,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             round_losses.clear()
         rounds += 1
         log.write("round", round=rounds, epoch=epoch, **counter.snapshot(),
-                  **({"cuts": list(fleet.cuts), "simulated_s": fleet.clock.now} if federated else {}))
+                  **({"cuts": list(fleet.cuts), "simulated_s": fleet.clock.now,  # the exchange, per client:
+                      "adapter_bytes": [list(traffic[c.cid]) for c in workers]} if federated else {}))
 
     def checkpoint(epoch: int) -> None:
         state = {"version": 1, "epoch": epoch, "rounds": rounds, "global_step": global_step,
