@@ -238,6 +238,8 @@ def main() -> int:
                     "an unfinished one goes on from its last checkpoint")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default); 1 when two rows "
                     "share a 2-core machine")
+    ap.add_argument("--seed", type=int, default=0, help="training seed (init, order, projections) on the same data: "
+                    "seed N > 0 sets train.seed=N, data.seed=0 and runs under RUNS/ROW@sN")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every row (repeatable), e.g. federation.server_adapters=shared")
     ap.add_argument("--score", type=int, default=0, metavar="N",
@@ -259,16 +261,17 @@ def main() -> int:
     results = reference_rows(args)
     for name in args.rows:
         t0 = time.perf_counter()
-        cfg = build_config({}, for_row(name, common(args) + args.extra) + ROWS[name])
-        done = args.runs / name / "summary.json"
-        same = args.resume and (args.runs / name / "config.yaml").is_file() and \
-            load_config(args.runs / name / "config.yaml") == cfg
+        seed = [f"train.seed={args.seed}", "data.seed=0"] if args.seed else []
+        cfg = build_config({}, for_row(name, common(args) + seed + args.extra) + ROWS[name])
+        where = args.runs / (f"{name}@s{args.seed}" if args.seed else name)
+        done = where / "summary.json"
+        same = args.resume and (where / "config.yaml").is_file() and load_config(where / "config.yaml") == cfg
         if same and done.is_file():
             s = json.loads(done.read_text())  # the same row already finished: reuse it
         else:  # an unfinished row goes on from its last epoch's checkpoint
-            s = run(cfg, args.runs / name, progress=False, resume=same and (args.runs / name / CHECKPOINT).is_file())
+            s = run(cfg, where, progress=False, resume=same and (where / CHECKPOINT).is_file())
         if args.score > 0:
-            s = {**s, **score_row(args, args.runs / name)}
+            s = {**s, **score_row(args, where)}
         results[name] = s
         if "bleu" in s:
             meteor = "-" if s["meteor"] is None else f"{s['meteor']:.4f}"

@@ -51,3 +51,13 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     p.write_text("model:\n  name: [unclosed\n")
     with pytest.raises(UserError, match=r"bad.yaml:\d"):
         load_config(p)
+
+
+def test_data_seed_fixes_the_data_across_training_seeds():
+    from splitcom.federation.setup import prepare
+    from tests.conftest import tiny_cfg
+
+    a, b, c = (prepare(tiny_cfg(**over)) for over in ({}, {"train.seed": 1, "data.seed": 0}, {"train.seed": 1}))
+    ids = lambda s: ([x.ids for x in s.train], [x.ids for x in s.val], s.partitions)  # noqa: E731
+    assert ids(a) == ids(b)  # the same samples, dev set and clients
+    assert ids(a) != ids(c)  # train.seed alone draws other data too

@@ -5,7 +5,6 @@ import json
 import pytest
 
 from splitcom.runlog import read_metrics
-
 from tests.conftest import tiny_cfg
 
 

@@ -112,6 +112,10 @@ class DataCfg(_Strict):
         "drawn with train.seed (every reference of a prompt lands on the same side). None: the `hf:` "
         "dataset's own validation/test split when it has one, else 0.1. Not together with data.eval_file.")
     partition: PartitionCfg = Field(default_factory=PartitionCfg)
+    seed: int | None = Field(
+        None, description="Seed of the data itself: which samples are drawn (train and dev subsets, the "
+        "synthetic set, the held-out prompts) and how they are split into clients. None: train.seed. Fix it to "
+        "repeat a run over training seeds on the same data and the same dev samples.")
 
     @field_validator("eval_fraction")
     @classmethod
@@ -160,7 +164,8 @@ class TrainCfg(_Strict):
     eval_batch_size: int = Field(16, ge=1, description="Samples per validation batch.")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate for every adapter.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    seed: int = Field(0, description="Seed of model init, partition, shuffling and projections.")
+    seed: int = Field(0, description="Seed of model init, shuffling and projections; also of the data and its "
+                      "partition unless data.seed is set.")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where tensors live.")
 
 
@@ -417,6 +422,11 @@ def build_config(tree: dict | None = None, overrides: list[str] | None = None) -
     except ValidationError as err:
         raise UserError(_format_error(err)) from None
     return check_mode(cfg)
+
+
+def data_seed(cfg: Config) -> int:
+    """The seed of the data and its partition: data.seed, or train.seed when unset."""
+    return cfg.train.seed if cfg.data.seed is None else cfg.data.seed
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

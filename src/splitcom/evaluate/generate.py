@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from splitcom.config import Config, load_config
+from splitcom.config import Config, data_seed, load_config
 from splitcom.data import dart, e2e, load_dataset, webnlg
 from splitcom.data.records import Example, format_prompt
 from splitcom.data.tokenize import render
@@ -284,7 +284,7 @@ def evaluate_run(out: str | Path, split: str = "dev", max_samples: int | None = 
     t0 = time.perf_counter()
     cfg = run_config(out)
     spec = dataset or cfg.data.dataset
-    inputs = group_inputs(eval_examples(spec, split, cfg.data.synthetic_size, cfg.train.seed, cfg.data), max_samples)
+    inputs = group_inputs(eval_examples(spec, split, cfg.data.synthetic_size, data_seed(cfg), cfg.data), max_samples)
     if not inputs:
         raise UserError(f"no {split} inputs with references", where=spec)
     dev = resolve_device(device or cfg.train.device)

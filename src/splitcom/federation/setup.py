@@ -10,7 +10,7 @@ import torch
 
 from splitcom.compress.noise import act_noise
 from splitcom.compress.plan import stream_plan
-from splitcom.config import Config
+from splitcom.config import Config, data_seed
 from splitcom.data import load_dataset
 from splitcom.data.partition import partition
 from splitcom.data.records import Example
@@ -71,9 +71,10 @@ def prepare(cfg: Config) -> Setup:
                         "every client's cut", where="model.lora.cut_rank, federation.server_adapters")
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    train_ex, val_ex = load_dataset(cfg.data.dataset, cfg.data.synthetic_size, cfg.train.seed, cfg.data)
-    train_ex = _subset(train_ex, cfg.data.max_train_samples, cfg.train.seed)
-    val_ex = _subset(val_ex, cfg.data.max_eval_samples, cfg.train.seed + 1)
+    ds = data_seed(cfg)  # train.seed unless data.seed fixes the data across training seeds
+    train_ex, val_ex = load_dataset(cfg.data.dataset, cfg.data.synthetic_size, ds, cfg.data)
+    train_ex = _subset(train_ex, cfg.data.max_train_samples, ds)
+    val_ex = _subset(val_ex, cfg.data.max_eval_samples, ds + 1)
     model, tok = load_model(cfg.model.name, cfg.model.cache_dir)
     num_layers = len(SplitModel(model).family.layers(model))
     if cfg.federation.mode == "sfl":
@@ -91,7 +92,7 @@ def prepare(cfg: Config) -> Setup:
                         "federation.num_clients or raise data.max_train_samples",
                         where="federation.num_clients, data.max_train_samples")
     p = cfg.data.partition
-    parts = partition(train_ex, train, cfg.federation.num_clients, p.scheme, p.alpha, cfg.train.seed, p.by,
+    parts = partition(train_ex, train, cfg.federation.num_clients, p.scheme, p.alpha, ds, p.by,
                       p.bins, p.min_size) if federated else [list(range(len(train)))]
     return Setup(cfg, SplitModel(peft_model), AdapterBank(peft_model), tok, train_ex, val_ex, train, val, parts,
                  device)
