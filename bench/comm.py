@@ -85,6 +85,7 @@ ROWS: dict[str, list[str]] = {
                                           "compression.adapter_codec=int8"],
     # issue 11: what reuse cannot touch (first sights, refreshes, adapters), shrunk step by step
     "centralized": ["federation.mode=centralized"],
+    "shared": ["federation.server_adapters=shared"],  # fp32 SFL with one server adapter set for every client
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],
