@@ -71,36 +71,174 @@ def _rel(path: Path) -> str:
     return str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
 
 
-def report(args, rows: dict[str, dict]) -> None:
-    lines = ["# Learning regime (issue 18, item 1)", "",
-             f"Rows of `bench/comm.py` under `{_rel(args.runs)}` (settings in each row's config.yaml and below), followed by "
-             "`bench/regime.py`: each finished epoch's adapter is scored on the first "
-             f"{args.score} distinct E2E dev inputs (beam {args.beams}, length penalty 0.8, no-repeat 4-grams, at most "
-             "64 new tokens); val ppl on the row's fixed dev samples (`data.max_eval_samples`). *wall* is the "
-             "row's own clock at that epoch's evaluation on a shared 2-core CPU (load in the notes), so compare "
-             "rows by quality and bytes.", "",
-             "| row | settings | epoch | local steps / client / round | val ppl | BLEU | NIST | METEOR | ROUGE_L | "
-             "CIDEr | bytes up+down | wall min |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, r in rows.items():
-        for epoch in sorted(r["evals"]):
-            if epoch == 0:
-                continue
-            e, sc = r["evals"][epoch], r["scores"].get(epoch, {})
-            fmt = lambda k, f=".4f", sc=sc: "-" if sc.get(k) is None else format(sc[k], f)  # noqa: E731
-            lines.append(f"| {name} | {r['settings']} | {epoch} | {r['steps']} | {e['val_ppl']:.3f} | {fmt('BLEU')} | "
-                         f"{fmt('NIST', '.3f')} | {fmt('METEOR')} | {fmt('ROUGE_L')} | {fmt('CIDEr', '.3f')} | "
-                         f"{e['bytes_up'] + e['bytes_down']:,} | {e['wall_s'] / 60:.0f} |")
+FLEETS = {"10x jetson-orin-nx@lte": "jetson-orin-nx@lte", "mixed10": "mixed10"}
+SERVER = "a100@dc-10g"  # the time-to-quality fleets' server: a data-centre GPU, as a deployment would use
+PPL_TOL = 0.01  # time to quality: the first epoch end at or below the fp32 SFL row's final val ppl + 1 %
+
+
+def replayed(row: Path) -> dict[str, list[dict]]:
+    """The row's clock on each FLEETS fleet (fleet/replay.py), cached in ROW/replay.json by the log's size."""
+    from splitcom.fleet.replay import replay
+
+    log = row / "metrics.jsonl"
+    cache = row / "replay.json"
+    key = f"{log.stat().st_size}/{SERVER}"
+    old = json.loads(cache.read_text()) if cache.is_file() else {}
+    if old.get("key") != key:
+        old = {"key": key, "fleets": {name: replay(row, devices=spec, server_device=SERVER)
+                                      for name, spec in FLEETS.items()}}
+        cache.write_text(json.dumps(old, indent=1))
+    return old["fleets"]
+
+
+def gather(row: Path, epoch: int, beams: int, n: int) -> dict | None:
+    """What the tables need of one run at ``epoch`` (None while that epoch has not finished)."""
+    from splitcom.config import load_config
+    from splitcom.runlog import read_metrics
+
+    ev = evals(row)
+    if epoch not in ev:
+        return None
+    cfg = load_config(row / "config.yaml")
+    events = read_metrics(row / "metrics.jsonl")
+    reuse = {e["epoch"]: e for e in events if e["event"] == "reuse"}
+    summary = json.loads((row / "summary.json").read_text()) if (row / "summary.json").is_file() else {}
+    sc = {}
+    for where in (row / "epochs" / str(epoch) / "eval" / "scores.json", row / "eval" / "scores.json"):
+        if where.is_file() and (where == row / "epochs" / str(epoch) / "eval" / "scores.json"
+                                or summary.get("epochs") == epoch):
+            got = json.loads(where.read_text())
+            if got.get("max_samples") == n and got.get("generation", {}).get("num_beams") == beams:
+                sc = got
+                break
+    fed = cfg.federation.mode != "centralized"
+    return {"cfg": cfg, "eval": ev[epoch], "evals": ev, "reuse": reuse, "summary": summary, "scores": sc,
+            "fleets": replayed(row) if fed else {}, "epoch": epoch}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _spread(xs: list[float]) -> float:
+    return max(xs) - min(xs) if len(xs) > 1 else float("nan")
+
+
+def report(args, runs: dict[str, list[dict]]) -> None:
+    """``runs``: row name -> its runs (one per seed) at the table's epoch."""
+    from splitcom.report.tables import fmt_bytes
+
+    E = args.epoch
+    base = runs.get("baseline", [])
+    mb = lambda n: f"{n / 1e6:,.1f}"  # noqa: E731
+    ab = lambda r: r["eval"]["bytes_by_stream"].get("act_up", 0)  # noqa: E731
+    tot = lambda r: r["eval"]["bytes_up"] + r["eval"]["bytes_down"]  # noqa: E731
+    ppl = lambda r: r["eval"]["val_ppl"]  # noqa: E731
+    bleu = lambda r: r["scores"].get("BLEU")  # noqa: E731
+    b_act, b_tot = (_mean([ab(r) for r in base]), _mean([tot(r) for r in base])) if base else (0, 0)
+    b_ppl = _mean([ppl(r) for r in base]) if base else float("nan")
+    b_bleus = [bleu(r) for r in base if bleu(r) is not None]
+    b_bleu = _mean(b_bleus) if b_bleus else None
+    spread_ppl = _spread([ppl(r) for r in base]) if base else float("nan")
+    spread_bleu = _spread(b_bleus) if b_bleus else float("nan")
+    target = b_ppl * (1 + PPL_TOL)
+    lines = [f"# Learning regime (issue 18, items 1-3; issue 21, item 3): every row at epoch {E}", "",
+             f"Rows of `bench/comm.py` under `{_rel(args.runs)}` (settings below and in each run's config.yaml): "
+             f"2000 E2E train samples, 10 clients (length_dirichlet 0.5, about 25 local steps per client per round), "
+             f"smollm2-135m, cut 2, lr 5e-4, batch 8, max length 64, FedAvg every epoch. val ppl on the same 200 dev "
+             f"samples for every row; BLEU etc. on the first {args.score} distinct E2E dev inputs (beam {args.beams}). "
+             "Several seeds (`ROW@sN`: train.seed N on the same data, dev set and clients): the mean, and the spread "
+             "(max - min) in brackets. *less* is against fp32 SFL (`baseline`).", "",
+             "## Bytes and quality", "",
+             "| row | seeds | act_up MB | act_up less | total MB | total less | per client per round | val ppl | "
+             "Δppl | BLEU | ΔBLEU | NIST | METEOR | ROUGE_L | CIDEr |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        a, t, p = _mean([ab(r) for r in rs]), _mean([tot(r) for r in rs]), [ppl(r) for r in rs]
+        bl = [bleu(r) for r in rs if bleu(r) is not None]
+        cfg = rs[0]["cfg"]
+        fed = cfg.federation.mode != "centralized"
+        per = t / cfg.federation.num_clients / E if fed else None
+        sp = lambda xs, f: "" if len(xs) < 2 else f" ({_spread(xs):{f}})"  # noqa: E731
+        gen = lambda k, f, rs=rs: (lambda v: "-" if not v else format(_mean(v), f))(  # noqa: E731
+            [r["scores"][k] for r in rs if r["scores"].get(k) is not None])
+        dppl = f"{100 * (_mean(p) / b_ppl - 1):+.2f} %" if base and name != "baseline" else "-"
+        dbleu = f"{_mean(bl) - b_bleu:+.4f}" if bl and b_bleu is not None and name != "baseline" else "-"
+        lines.append(
+            f"| {name} | {len(rs)} | {mb(a) if fed else '-'} | {_red(a, b_act) if fed else '-'} | "
+            f"{mb(t) if fed else '-'} | {_red(t, b_tot) if fed else '-'} | {fmt_bytes(per) if fed else '-'} | "
+            f"{_mean(p):.3f}{sp(p, '.3f')} | {dppl} | {format(_mean(bl), '.4f') + sp(bl, '.4f') if bl else '-'} | "
+            f"{dbleu} | {gen('NIST', '.3f')} | {gen('METEOR', '.4f')} | {gen('ROUGE_L', '.4f')} | "
+            f"{gen('CIDEr', '.3f')} |")
+    lines += ["", f"fp32 SFL seed-to-seed spread: val ppl {spread_ppl:.3f} ({100 * spread_ppl / b_ppl:.2f} %), "
+              f"BLEU {spread_bleu:.4f} ({len(base)} seeds). A row's difference from fp32 SFL counts as no quality "
+              "loss only where it is within that spread.", "",
+              "## What reuse does: reuse by epoch, samples sent, true drift between sightings", "",
+              "Drift is 1 - cos of the act_up tensor itself between a sample's sightings in consecutive epochs "
+              "(`logging.drift`, compress/drift.py): median / p90; *per channel*: the same with every channel "
+              "scaled by its RMS (the massive channels no longer dominate); *stale*: against the copy the "
+              "receiver holds (what a REUSE stands for); *summary*: what the 16-dim projection saw.", "",
+              "| row | reuse by epoch | act_up FULL / DELTA / REUSE | drift median / p90 | per channel | stale | "
+              "summary | client cache (mean per client) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, rs in runs.items():
+        if not rs or rs[0]["cfg"].federation.mode != "sfl":
+            continue
+        r = rs[0]
+        by = ", ".join(f"{r['reuse'][e]['reuse_ratio']:.3f}" for e in sorted(r["reuse"]) if e <= E)
+        tr = r["summary"].get("transfers_by_stream", {}).get("act_up")
+        counts = f"{tr['full']:,} / {tr['delta']:,} / {tr['reuse']:,}" if tr else "-"
+        d = r["reuse"].get(E, {}).get("drift", {}).get("act_up", {})
+        q = lambda k, d=d: f"{d[k]['median']:.4f} / {d[k]['p90']:.4f}" if k in d else "-"  # noqa: E731
+        cache = r["summary"].get("client_cache_bytes")
+        n = r["cfg"].federation.num_clients
+        lines.append(f"| {name} | {by} | {counts} | {q('between')} | {q('between_channel')} | {q('stale')} | "
+                     f"{q('summary')} | {fmt_bytes(cache / n) if cache is not None else '-'} |")
+    lines += ["", "## Time to quality (simulated) and device memory", "",
+              f"The simulated clock (fleet/clock.py) of each run replayed on two fleets (fleet/replay.py: the same "
+              f"batches and the bytes each client really sent in each step and round) with an `{SERVER}` server. "
+              f"*to quality*: simulated time at the first epoch end whose val ppl is at or below fp32 SFL's final "
+              f"{b_ppl:.3f} + {100 * PPL_TOL:.0f} % = {target:.3f} (only epoch ends are evaluated); *all {E} epochs*: "
+              "the whole run. Device memory: the time model's estimate per client (its blocks, LoRA state, "
+              "activations for a batch of 8 x 64 tokens).", "",
+              "| row | " + " | ".join(f"{f}: to quality | {f}: all {E} epochs" for f in FLEETS) +
+              " | device memory (estimate) |",
+              "| --- | " + " | ".join("---: | ---:" for _ in FLEETS) + " | ---: |"]
+    for name, rs in runs.items():
+        if not rs or rs[0]["cfg"].federation.mode == "centralized":
+            continue
+        cells = []
+        for f in FLEETS:
+            ttq = [next((e["simulated_s"] for e in r["fleets"][f] if e["epoch"] <= E and e["val_ppl"] <= target),
+                        None) for r in rs]
+            done = [next(e["simulated_s"] for e in r["fleets"][f] if e["epoch"] == E) for r in rs]
+            reached = [x for x in ttq if x is not None]
+            cells += [f"{_mean(reached) / 60:.1f} min" + ("" if len(reached) == len(rs) else
+                      f" ({len(reached)} of {len(rs)} seeds)") if reached else "not reached",
+                      f"{_mean(done) / 60:.1f} min"]
+        mem = rs[0]["summary"].get("client_memory_estimate_bytes")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt_bytes(max(mem)) if mem else '-'} |")
     out = args.out / "regime.md"
     notes = out.with_suffix(".notes.md")
     extra = ["", notes.read_text()] if notes.is_file() else []
     out.write_text("\n".join(lines + extra) + "\n")
 
 
+def _red(value: float, base: float) -> str:
+    return f"{100 * (1 - value / base):.2f} %" if base else "-"
+
+
+ORDER = ["centralized", "baseline", "shared", "temporal+int8", "all", "bangbang+all", "ddpg+all", "ushape",
+         "ushape+codec-map", "fl", "fl+int8-delta-zstd"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "regime")
-    ap.add_argument("--rows", nargs="+", default=None, help="row directories under --runs (default: all)")
+    ap.add_argument("--rows", nargs="+", default=None, help="run directories under --runs (default: all)")
+    ap.add_argument("--epoch", type=int, default=2, help="the epoch every row is compared at")
     ap.add_argument("--score", type=int, default=100)
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--watch", action="store_true", help="poll until every row has finished and is scored")
@@ -113,31 +251,25 @@ def main() -> int:
     from splitcom.config import load_config
 
     while True:
-        rows, busy = {}, False
+        runs: dict[str, list[dict]] = {}
+        busy = False
         names = args.rows or sorted(p.name for p in args.runs.iterdir() if (p / "config.yaml").is_file())
         for name in names:
             row = args.runs / name
-            cfg = load_config(row / "config.yaml")
-            epochs = snapshot(row)
-            scores = {}
-            for epoch in epochs:
-                sc = score(row / "epochs" / str(epoch), args.score, args.beams)
-                scores[epoch] = sc
-                print(f"{name} epoch {epoch}: BLEU {sc['BLEU']:.4f}", flush=True)
-            mode = cfg.federation.mode
-            fed = mode != "centralized"  # sfl, or fl (federated LoRA, issue 21): clients and rounds
-            per_client = -(-(cfg.data.max_train_samples // (cfg.federation.num_clients if fed else 1))
-                           // cfg.train.batch_size)
-            how = {"sfl": cfg.federation.server_adapters, "fl": "whole model per device"}.get(mode, "one model")
-            rows[name] = {"evals": evals(row), "scores": scores, "steps": f"~{per_client}" if fed else "-",
-                          "settings": (f"{mode}, {cfg.data.max_train_samples} samples, "
-                                       f"{cfg.federation.num_clients if fed else 1} clients, lr {cfg.train.lr}, "
-                                       f"aggregate {cfg.federation.aggregate_every}, {how}")}
-            busy |= not (row / "summary.json").is_file()
-        report(args, rows)
+            longer = load_config(row / "config.yaml").train.epochs > args.epoch  # comm.py --score scores the last
+            for epoch in snapshot(row):
+                if epoch == args.epoch and longer:
+                    sc = score(row / "epochs" / str(epoch), args.score, args.beams)
+                    print(f"{name} epoch {epoch}: BLEU {sc['BLEU']:.4f}", flush=True)
+            got = gather(row, args.epoch, args.beams, args.score)
+            busy |= got is None or not got["scores"]
+            if got is not None:
+                runs.setdefault(name.split("@s")[0], []).append(got)
+        rank = {n: i for i, n in enumerate(ORDER)}
+        report(args, dict(sorted(runs.items(), key=lambda kv: (rank.get(kv[0], len(ORDER)), kv[0]))))
         if not (args.watch and busy):
             return 0
-        time.sleep(60)
+        time.sleep(120)
 
 
 if __name__ == "__main__":
