@@ -92,6 +92,8 @@ ROWS: dict[str, list[str]] = {
     "+zstd": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
               "compression.prefix=true", "compression.entropy=zstd"],
     "all": ALL,
+    "all+channel": [*ALL, f"{T}.summary_norm=channel"],  # reuse decided on a channel-normalised summary
+    "all+int4o": [*ALL, "compression.codec=int4o"],  # first sights at 4 bits, outlier channels kept at 16
     "all+int2": [*ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2"],
     # the threshold and the refresh codec trade the refresh waves of long runs against staleness
     "all@0.995+int2": [f"{T}.enabled=true", f"{T}.threshold=0.995", "compression.codec=int8", f"{T}.refresh=delta",

@@ -210,3 +210,23 @@ def test_lossy_codec_error_is_not_taken_for_drift(codec):
     assert src.encode(3, x * 1.00001).reuse
     if codec == "int4":  # int8's error is small enough that the decoded comparison still passes 0.9999
         assert not dec.encode(3, x * 1.00001).reuse
+
+
+def test_channel_normalised_summary_sees_drift_behind_a_massive_channel():
+    from splitcom.compress.temporal import TemporalSender
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 64, generator=g)
+    x[:, 3] *= 1000  # one massive channel, as transformer hidden states have
+    y = x.clone()
+    y[:, [c for c in range(64) if c != 3]] = torch.randn(12, 63, generator=g)  # everything else moved
+    plain, chan = TemporalSender(64, 16, 0, "act_up"), TemporalSender(64, 16, 0, "act_up", norm="channel")
+    for s in (plain, chan):
+        s.mark_sent(7, x)
+    assert plain.should_reuse(7, y, 0.999)  # the massive channel hides the drift
+    assert not chan.should_reuse(7, y, 0.999)
+    assert chan.should_reuse(7, x, 0.999999)  # the same tensor is still the same
+    st = chan.state()
+    fresh = TemporalSender(64, 16, 0, "act_up", norm="channel")
+    fresh.load_state(st)
+    assert fresh.similarity(7, y) == chan.similarity(7, y)

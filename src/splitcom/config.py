@@ -245,6 +245,10 @@ class TemporalCfg(_Strict):
     summary_of: Literal["source", "decoded"] = Field(
         "source", description="Summarise the tensor before the codec (`source`: a lossy codec's error is not "
         "mistaken for drift) or the decoded tensor the receiver holds (`decoded`, DESIGN 4.3).")
+    summary_norm: Literal["none", "channel"] = Field(
+        "none", description="`channel`: scale every channel by its RMS over the reference tensor's tokens before "
+        "the projection, so the few massive channels of a transformer's hidden state no longer dominate the "
+        "cosine (the sender keeps H scales per sample; nothing changes on the wire).")
     controller: Literal["fixed", "bangbang", "ddpg"] = Field("fixed", description="Threshold control per epoch.")
     streams: list[Literal["act_up", "grad_down", "act_down", "grad_up"]] = Field(
         ["act_up"], description="Tensor streams that use temporal reuse (act_down/grad_up exist in U-shape only).")

@@ -34,8 +34,8 @@ class Outgoing:
         mirror of DELTA refreshes."""
         self.plan = p = StreamPlan(stream, codec, **knobs)
         self.stream, self.codec, self.hidden = stream, get_codec(codec), hidden
-        self.sender = TemporalSender(hidden, p.projection_dim, p.seed, stream.name, p.max_reuse_streak) \
-            if p.reuse else None
+        self.sender = TemporalSender(hidden, p.projection_dim, p.seed, stream.name, p.max_reuse_streak,
+                                     p.summary_norm) if p.reuse else None
         self.threshold = p.threshold
         # `source`: summarise the tensor before the codec, so a lossy codec's own error is not taken for
         # drift (it is there whether or not we resend); `decoded`: summarise what the receiver holds.

@@ -31,6 +31,7 @@ class StreamPlan:
     projection_dim: int = 16  # r of the H x r random projection
     seed: int = 0  # the projection's seed (with the stream's name): both ends can rebuild it
     summary_of: str = "source"  # `source`: the tensor before the codec; `decoded`: what the receiver holds
+    summary_norm: str = "none"  # `channel`: channels scaled by their RMS before the projection
     max_reuse_streak: int | None = None  # force a FULL after this many REUSEs in a row
     refresh: str = "full"  # a drifted sample goes `full`, or as a `delta` against the receiver's copy
     delta_codec: str = "int4"  # codec of DELTA payloads (of adapter deltas, for the adapter plan)
@@ -74,7 +75,7 @@ def stream_plan(cfg: Config, side: Side) -> SidePlan:
         codec = c.codec if s.name.startswith("act") else c.grad_codec  # a codec, or a map by stream
         return StreamPlan(s, codec=stream_value(codec, s.name, "fp32"), reuse=s.name in on,
                           threshold=t.threshold_of(s.name), projection_dim=t.projection_dim, seed=cfg.train.seed,
-                          summary_of=t.summary_of, max_reuse_streak=t.max_reuse_streak, refresh=t.refresh,
+                          summary_of=t.summary_of, summary_norm=t.summary_norm, max_reuse_streak=t.max_reuse_streak, refresh=t.refresh,
                           delta_codec=t.delta_codec_of(s.name), store=t.store, prefix=c.prefix and s == Stream.act_up,
                           entropy=c.entropy, measure_drift=cfg.logging.drift,
                           skip_reused=s == Stream.grad_down and t.enabled and t.reused_grad == "skip")

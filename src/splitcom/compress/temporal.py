@@ -42,21 +42,27 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class TemporalSender:
-    def __init__(self, hidden: int, dim: int, seed: int, stream: str, max_reuse_streak: int | None = None):
+    def __init__(self, hidden: int, dim: int, seed: int, stream: str, max_reuse_streak: int | None = None,
+                 norm: str = "none"):
+        """``norm="channel"``: every channel is scaled by its RMS over the reference tensor's tokens before
+        the projection (kept per sample), so a few massive channels cannot hide the drift of all others."""
         self.R = projection(hidden, dim, seed, stream)  # [H, r]
         self.max_reuse_streak = max_reuse_streak
+        self.norm = norm
         self.summaries: dict[int, torch.Tensor] = {}  # sample id -> [T_i, r]
+        self.scales: dict[int, torch.Tensor] = {}  # sample id -> [H] (norm="channel")
         self.streak: dict[int, int] = {}
         self.last_similarity: dict[int, float] = {}
 
-    def summary(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, r]
-        return x.detach().to("cpu", torch.float32) @ self.R
+    def summary(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:  # [T, H] -> [T, r]
+        x = x.detach().to("cpu", torch.float32)
+        return (x if scale is None else x / scale) @ self.R
 
     def similarity(self, sample_id: int, x: torch.Tensor) -> float | None:
         s = self.summaries.get(sample_id)
         if s is None or s.shape[0] != x.shape[0]:
             return None
-        return cosine(self.summary(x), s)
+        return cosine(self.summary(x, self.scales.get(sample_id)), s)
 
     def should_reuse(self, sample_id: int, x: torch.Tensor, threshold: float) -> bool:
         sim = self.similarity(sample_id, x)
@@ -69,6 +75,7 @@ class TemporalSender:
 
     def clear(self) -> None:
         self.summaries.clear()
+        self.scales.clear()
         self.streak.clear()
         self.last_similarity.clear()
 
@@ -77,19 +84,24 @@ class TemporalSender:
 
     def mark_sent(self, sample_id: int, reference: torch.Tensor) -> None:
         """Record the reference the next tensor is compared with (see ``summary_of``)."""
-        self.summaries[sample_id] = self.summary(reference)
+        scale = None
+        if self.norm == "channel":
+            scale = reference.detach().to("cpu", torch.float32).pow(2).mean(0).sqrt().clamp_min(1e-6)
+            self.scales[sample_id] = scale
+        self.summaries[sample_id] = self.summary(reference, scale)
         self.streak[sample_id] = 0
 
     @property
     def memory_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.summaries.values())
+        return sum(s.numel() * s.element_size() for d in (self.summaries, self.scales) for s in d.values())
 
     def state(self) -> dict:
         """Summaries and streaks, for a checkpoint (a resumed run then decides REUSE exactly as before)."""
         return {"summaries": dict(self.summaries), "streak": dict(self.streak),
-                "last_similarity": dict(self.last_similarity)}
+                "last_similarity": dict(self.last_similarity), "scales": dict(self.scales)}
 
     def load_state(self, st: dict) -> None:
+        self.scales = {int(k): v for k, v in st.get("scales", {}).items()}
         self.summaries = {int(k): v for k, v in st["summaries"].items()}
         self.streak = {int(k): int(v) for k, v in st["streak"].items()}
         self.last_similarity = {int(k): float(v) for k, v in st["last_similarity"].items()}
