@@ -69,7 +69,7 @@ def partition_digest(s: Setup, cid: int) -> bytes:
 
 def client_cuts(s: Setup) -> list[int]:
     """Each client's cut, as simulation chooses it (fixed, or memory_fit on the configured devices)."""
-    return list(Fleet(s).cuts)
+    return list(Fleet(s.cfg, s.split.lm.config).cuts)
 
 
 def forget_summaries(ends) -> None:
