@@ -21,6 +21,7 @@ from splitcom.deploy.plan import (
     VersionMismatch,
     batches_per_client,
     check_deployable,
+    client_blocks,
     client_cuts,
     fault,
     forget_summaries,
@@ -161,8 +162,8 @@ class ClientDriver:
         overrides += [f"train.device={self.opts.device}"] if self.opts.device else []
         cfg = build_config(yaml.safe_load(hello.config_yaml), overrides)
         check_deployable(cfg)
-        with PREPARE_LOCK:
-            s = prepare(cfg)
+        with PREPARE_LOCK:  # the model holds only the blocks this client may run (models/hold.py)
+            s = prepare(cfg, lambda model_config: client_blocks(cfg, model_config, self.cid))
             if partition_digest(s, self.cid) != hello.partition_digest:
                 raise UserError("this client's data gives a different partition than the server's (it needs the "
                                 "same dataset, config and seed)", where=self.opts.data or "data.dataset")
