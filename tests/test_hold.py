@@ -8,10 +8,12 @@ import weakref
 
 import pytest
 import torch
+from conftest import tiny_cfg
 from test_deploy import PROC_TIMEOUT, TOKENS, Thread, _adapters_equal, _inproc_server, _setup, _sim
 from transformers import AutoModelForCausalLM
 
 from splitcom.deploy.client import ClientDriver, ClientOptions
+from splitcom.deploy.plan import client_blocks
 from splitcom.models.hold import BlockNotHeld, Dropped, held_blocks, hold_only
 from splitcom.models.load import _tiny_config, load_model
 from splitcom.models.split import SplitModel, layer_index
@@ -60,6 +62,18 @@ def test_dropped_blocks_are_freed_and_an_untied_head_goes():
             dropped_head = not tied and not head
             assert isinstance(model.lm_head, Dropped) == dropped_head
             assert sum(p.numel() for p in model.parameters()) == total - (64 * 64 if dropped_head else 0)
+
+
+def test_a_client_holds_every_block_of_every_cut_it_may_take():
+    """Fixed cut 2: blocks 0, 1; U-shape cut 1 with one tail block: 0 and 3; adaptive (cut 2 on a default
+    device, which holds any cut, while the server keeps one block): 0-2, as the server may move it one
+    deeper; federated LoRA: all."""
+    config = _tiny_config("llama", 64, 0, 0)
+    assert client_blocks(tiny_cfg(), config, 1) == [0, 1]
+    assert client_blocks(tiny_cfg(**{"split.mode": "ushape", "split.cut_layer": 1, "split.tail_layers": 1}),
+                         config, 1) == [0, 3]
+    assert client_blocks(tiny_cfg(**{"split.cut_policy": "adaptive"}), config, 1) == [0, 1, 2]
+    assert client_blocks(tiny_cfg(**{"federation.mode": "fl"}), config, 1) is None
 
 
 @pytest.mark.parametrize("over,blocks", [({}, [0, 1]), ({"split": {"mode": "ushape", "cut_layer": 1,
