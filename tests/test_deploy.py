@@ -28,7 +28,7 @@ BASE = {"model": {"name": "tiny-llama"}, "split": {"cut_layer": 2},
         "data": {"dataset": "synthetic", "max_train_samples": 48, "max_eval_samples": 16, "max_length": 48},
         "federation": {"num_clients": 3, "aggregate_every": 1},
         "train": {"epochs": 2, "batch_size": 8, "lr": 0.003}, "logging": {"progress": False}}
-VOLATILE = {"wall_s", "simulated_s", "cuts", "clients", "dropped"}  # timing, and fields one side only has
+VOLATILE = {"wall_s", "simulated_s", "cuts", "clients", "dropped", "adapter_bytes"}  # timing, and fields one side only has
 
 
 def _env(**faults):

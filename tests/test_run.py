@@ -212,3 +212,17 @@ def test_resume_needs_a_checkpoint_and_the_same_config(tmp_path):
     run(tiny_cfg(**{"train.epochs": 1}), tmp_path, progress=False)
     with pytest.raises(UserError, match="config.yaml"):
         run(tiny_cfg(**{"train.epochs": 1, "train.lr": 0.5}), tmp_path, progress=False, resume=True)
+
+
+def test_peak_rss_is_the_process_own_not_its_parents():
+    """A small process started by a big one reports its own peak (getrusage's ru_maxrss would carry the
+    parent's into it across fork and exec)."""
+    import os
+    import subprocess
+    import sys
+
+    big = torch.ones(300 * 2**20 // 4)  # 300 MiB, resident
+    code = "from splitcom.runlog import peak_rss_bytes; print(peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert int(child.stdout) < 150 * 2**20 < big.numel() * 4

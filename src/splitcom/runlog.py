@@ -108,7 +108,24 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def peak_rss_bytes() -> int:
+    """The process's peak resident set: Linux's VmHWM where there is one. Not getrusage's ru_maxrss there:
+    Linux carries a parent's peak into a child across fork and exec, so a process started by a big one
+    (a benchmark that loaded a model, a test runner) would report that one's peak as its own."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def rss_bytes() -> int:
+    """The process's resident set now (peak_rss_bytes is its high-water mark)."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -165,4 +165,5 @@ def client_cmd(
         _fail(str(err), err.exit_code)
     console.print(f"client {summary['client']} done: {summary['steps']} steps ({summary['rejected_steps']} "
                   f"rejected), sent {summary['bytes_up'] / 1e6:.2f} MB, received {summary['bytes_down'] / 1e6:.2f} MB, "
-                  f"peak RSS {summary['peak_rss_bytes'] / 1e6:.0f} MB")
+                  f"peak RSS {summary['peak_rss_bytes'] / 1e6:.0f} MB ({summary['rss_before_model_bytes'] / 1e6:.0f} MB "
+                  "before the model)")

@@ -21,6 +21,7 @@ from splitcom.deploy.plan import (
     VersionMismatch,
     batches_per_client,
     check_deployable,
+    client_blocks,
     client_cuts,
     fault,
     forget_summaries,
@@ -31,7 +32,7 @@ from splitcom.deploy.plan import (
 from splitcom.errors import ProtocolError, UserError
 from splitcom.federation.setup import make_client, prepare
 from splitcom.models.adapters import GLOBAL
-from splitcom.runlog import peak_rss_bytes
+from splitcom.runlog import peak_rss_bytes, rss_bytes
 from splitcom.transport.grpc_client import (
     AuthRefused,
     Disconnected,
@@ -138,7 +139,10 @@ class ClientDriver:
         return {"client": self.cid, "steps": self.steps, "rejected_steps": self.rejected, "rejoins": self.rejoins,
                 "bytes_up": c.up, "bytes_down": c.down, "bytes_by_stream": c.by_stream(),
                 "grpc_message_bytes": dict(self.conn.grpc_bytes),
-                "peak_rss_bytes": peak_rss_bytes()}  # the process's (the device's memory, measured)
+                # the process's memory (the device's, measured): its peak, before the model was loaded (the
+                # python, torch and gRPC runtime), and at the end of the run
+                "peak_rss_bytes": peak_rss_bytes(), "rss_before_model_bytes": self.rss_before_model,
+                "rss_bytes": rss_bytes()}
 
     def _retry(self, fn):
         """Call ``fn`` until the server answers (it may not be up yet, or be restarting)."""
@@ -161,8 +165,9 @@ class ClientDriver:
         overrides += [f"train.device={self.opts.device}"] if self.opts.device else []
         cfg = build_config(yaml.safe_load(hello.config_yaml), overrides)
         check_deployable(cfg)
-        with PREPARE_LOCK:
-            s = prepare(cfg)
+        self.rss_before_model = rss_bytes()
+        with PREPARE_LOCK:  # the model holds only the blocks this client may run (models/hold.py)
+            s = prepare(cfg, lambda model_config: client_blocks(cfg, model_config, self.cid))
             if partition_digest(s, self.cid) != hello.partition_digest:
                 raise UserError("this client's data gives a different partition than the server's (it needs the "
                                 "same dataset, config and seed)", where=self.opts.data or "data.dataset")

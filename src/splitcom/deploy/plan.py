@@ -67,9 +67,20 @@ def partition_digest(s: Setup, cid: int) -> bytes:
     return h.digest()
 
 
+def client_blocks(cfg: Config, model_config, cid: int) -> list[int] | None:
+    """The decoder blocks deployed client ``cid`` may ever run, from the whole model's HF config: [0, its
+    deepest cut) (its cut; adaptive: the deepest its device holds, as the server may move it there) and
+    U-shape's tail; None (every block) in federated LoRA."""
+    if cfg.federation.mode != "sfl":
+        return None
+    fleet = Fleet(cfg, model_config)
+    deepest = fleet.limits[cid] if cfg.split.cut_policy == "adaptive" else fleet.cuts[cid]
+    return list(range(deepest)) + list(range(fleet.num_layers - fleet.tail, fleet.num_layers))
+
+
 def client_cuts(s: Setup) -> list[int]:
     """Each client's cut, as simulation chooses it (fixed, or memory_fit on the configured devices)."""
-    return list(Fleet(s).cuts)
+    return list(Fleet(s.cfg, s.split.lm.config).cuts)
 
 
 def forget_summaries(ends) -> None:

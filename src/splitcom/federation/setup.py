@@ -4,6 +4,7 @@ a run's server and clients with their sides' stream plans (shared by simulation 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from splitcom.federation.client import SplitClient
 from splitcom.federation.fl import FLClient
 from splitcom.federation.server import SplitServer
 from splitcom.models.adapters import AdapterBank, attach_lora
+from splitcom.models.hold import hold_only, prefix_length
 from splitcom.models.load import load_model, resolve_device
 from splitcom.models.split import SplitModel
 
@@ -64,7 +66,12 @@ def tail_layers(cfg: Config) -> int:
     return cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
 
 
-def prepare(cfg: Config) -> Setup:
+def prepare(cfg: Config, blocks: Callable[[object], Collection[int] | None] | None = None) -> Setup:
+    """``blocks``: a deployed split client's, the decoder blocks it may ever run given the whole model's HF
+    config (None: all). The model then holds only those (models/hold.py): a prefix of blocks is all that
+    is loaded; blocks past a gap (U-shape's tail) need the whole checkpoint loaded, the rest dropped after
+    LoRA is attached (so the tail's LoRA init draws are the whole model's), which leaves the peak of
+    that load. Simulation (no ``blocks``) holds every block."""
     if cfg.model.lora.cut_rank is not None and cfg.federation.mode == "sfl" and \
             cfg.federation.server_adapters == "shared":
         raise UserError("a cut rank needs per-client server adapters: the one shared server adapter serves "
@@ -75,12 +82,25 @@ def prepare(cfg: Config) -> Setup:
     train_ex, val_ex = load_dataset(cfg.data.dataset, cfg.data.synthetic_size, ds, cfg.data)
     train_ex = _subset(train_ex, cfg.data.max_train_samples, ds)
     val_ex = _subset(val_ex, cfg.data.max_eval_samples, ds + 1)
-    model, tok = load_model(cfg.model.name, cfg.model.cache_dir)
+    held: dict[str, Collection[int] | None] = {}
+
+    def leading(model_config) -> int | None:  # how many leading blocks load_model loads
+        held["blocks"] = keep = blocks(model_config)
+        return None if keep is None else prefix_length(keep)
+
+    model, tok = load_model(cfg.model.name, cfg.model.cache_dir, leading if blocks is not None else None)
+    if blocks is not None and "blocks" not in held:  # a random-init alias is built whole without asking
+        held["blocks"] = blocks(model.config)
     num_layers = len(SplitModel(model).family.layers(model))
     if cfg.federation.mode == "sfl":
         check_cut(cfg.split.cut_layer, num_layers, tail_layers(cfg))
     lora = cfg.model.lora
-    peft_model = attach_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules).to(device)
+    # (PEFT draws each block's LoRA init in block order: the blocks a prefix load holds draw what they draw
+    # in the whole model; the global RNG afterwards differs, which only lora.dropout > 0 would see)
+    peft_model = attach_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    if held.get("blocks") is not None:
+        hold_only(peft_model, held["blocks"], head=tail_layers(cfg) > 0)
+    peft_model = peft_model.to(device)
     peft_model.train()
     train = tokenize(train_ex, tok, cfg.data.max_length)
     val = tokenize(val_ex, tok, cfg.data.max_length)

@@ -6,31 +6,35 @@ from __future__ import annotations
 
 import math
 
+from splitcom.config import Config
 from splitcom.errors import UserError
-from splitcom.federation.setup import Setup, tail_layers
+from splitcom.federation.setup import tail_layers
 from splitcom.fleet.clock import SimClock
 from splitcom.fleet.cuts import WHERE, _gib, adaptive_cuts, memory_fit
 from splitcom.fleet.schedule import Job
 from splitcom.fleet.timemodel import client_memory_bytes, full_model_memory_bytes
+from splitcom.models.split import family_for
 
 
 class Fleet:
-    def __init__(self, s: Setup):
-        cfg = s.cfg
+    def __init__(self, cfg: Config, model_config):
+        """``model_config``: the HF config of the whole model (a deployed client knows its cuts before it
+        loads its blocks)."""
         self.cfg, self.n = cfg, cfg.federation.num_clients
         self.tail = tail_layers(cfg)
-        self.targets = tuple(cfg.model.lora.target_modules or s.split.family.lora_targets)
-        self.clock = SimClock.from_config(cfg, s.split.lm.config, self.n)
-        self.max_cut = s.split.num_layers - 1 - self.tail  # the server keeps at least one block
+        self.targets = tuple(cfg.model.lora.target_modules or family_for(model_config).lora_targets)
+        self.clock = SimClock.from_config(cfg, model_config, self.n)
+        self.num_layers = int(model_config.num_hidden_layers)
+        self.max_cut = self.num_layers - 1 - self.tail  # the server keeps at least one block
         batch_tokens = cfg.train.batch_size * cfg.data.max_length
         policy = cfg.split.cut_policy
         self.local = cfg.federation.mode == "fl"  # federated LoRA: every device trains the whole model
         self.local_s: dict[int, float] = {}  # FL: each client's training seconds in the round so far
         if self.local:
-            self.cuts = [s.split.num_layers] * self.n  # a "cut" past the last block: the client runs everything
+            self.cuts = [self.num_layers] * self.n  # a "cut" past the last block: the client runs everything
             self.limits = list(self.cuts)
             self.history = [list(self.cuts)]
-            self._check_full_model(s, batch_tokens)
+            self._check_full_model(model_config, batch_tokens)
             return
         # Deepest cut each device can hold (memory_fit raises, naming the device, if not even one block fits).
         self.limits = [min(self.max_cut, memory_fit(self.clock.arch, d, batch_tokens, cfg.model.lora.rank,
@@ -42,10 +46,10 @@ class Fleet:
             self.cuts = [min(cfg.split.cut_layer, lim) for lim in self.limits]
         self.history: list[list[int]] = [list(self.cuts)]
 
-    def _check_full_model(self, s: Setup, batch_tokens: int) -> None:
+    def _check_full_model(self, model_config, batch_tokens: int) -> None:
         """Federated LoRA: every device must hold the whole model and its LoRA training state."""
         self.full_model_bytes = need = full_model_memory_bytes(self.clock.arch, batch_tokens, self.cfg.model.lora.rank, self.targets,
-                                       tied_head=bool(getattr(s.split.lm.config, "tie_word_embeddings", False)))
+                                       tied_head=bool(getattr(model_config, "tie_word_embeddings", False)))
         for cid, d in enumerate(self.clock.devices):
             if need > d.memory_bytes:
                 raise UserError(f"client {cid}'s device {d.name!r} has {_gib(d.memory_bytes)} for training but the "

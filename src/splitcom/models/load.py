@@ -7,11 +7,17 @@ Aliases:
   fixed seed, for tests. Their tokenizer is a 1024-token byte-level BPE trained on the built-in
   synthetic corpus (byte-level, so any text still encodes), small enough that the LM head does not
   dominate a 64-wide model.
+
+``blocks`` (a deployed split client's): given the model's config, how many leading decoder blocks to
+load, or None for all. A checkpoint then loads only those (models/hold.py pads the block list with
+placeholders, so the model still counts the real number of blocks); a random-init alias is built whole,
+as its init draws depend on every block, and ``hold_only`` drops the rest afterwards.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import re
 import shutil
@@ -19,9 +25,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from splitcom.errors import UserError
+from splitcom.models.hold import pad_blocks, truncated_config
+from splitcom.models.split import layer_index
+
+log = logging.getLogger("splitcom.models")
+Blocks = Callable[[PretrainedConfig], int | None]  # the model's config -> leading blocks to load (None: all)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -108,8 +119,8 @@ def tiny_tokenizer(cache_dir: str | None = None):
     return load_tokenizer(out)
 
 
-def _tiny(family: str) -> Callable[[str | None], tuple[PreTrainedModel, object]]:
-    def load(cache_dir: str | None) -> tuple[PreTrainedModel, object]:
+def _tiny(family: str) -> Callable[[str | None, Blocks | None], tuple[PreTrainedModel, object]]:
+    def load(cache_dir: str | None, blocks: Blocks | None = None) -> tuple[PreTrainedModel, object]:
         tok = tiny_tokenizer(cache_dir)
         cfg = _tiny_config(family, len(tok), tok.pad_token_id, tok.eos_token_id)
         with torch.random.fork_rng():
@@ -120,12 +131,12 @@ def _tiny(family: str) -> Callable[[str | None], tuple[PreTrainedModel, object]]
     return load
 
 
-def _smollm2(cache_dir: str | None):
+def _smollm2(cache_dir: str | None, blocks: Blocks | None = None):
     d = smollm2_dir(cache_dir)
-    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32), load_tokenizer(d)
+    return _weights(d, True, blocks), load_tokenizer(d)
 
 
-ALIASES: dict[str, Callable[[str | None], tuple[PreTrainedModel, object]]] = {
+ALIASES: dict[str, Callable[[str | None, Blocks | None], tuple[PreTrainedModel, object]]] = {
     "smollm2-135m": _smollm2,
     "tiny-llama": _tiny("llama"),
     "tiny-gpt2": _tiny("gpt2"),
@@ -158,24 +169,50 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_pretrained(where: str, local_only: bool) -> tuple[PreTrainedModel, object]:
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=local_only)
+def _weights(where: str | Path, local_only: bool, blocks: Blocks | None = None) -> PreTrainedModel:
+    """The checkpoint's model in fp32; with ``blocks``, only its leading blocks (placeholders behind them)."""
+    config = AutoConfig.from_pretrained(where, local_files_only=local_only) if blocks is not None else None
+    n = blocks(config) if config is not None else None
+    if n is None or n >= config.num_hidden_layers:
+        return AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, local_files_only=local_only)
+    # the blocks past n are "unexpected" keys of the shorter model: drop transformers' load report (it lists
+    # them), check what else it would say here
+    hf_log = logging.getLogger("transformers.modeling_utils")
+    no_report = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
+    hf_log.addFilter(no_report)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(where, config=truncated_config(config, n),
+                                                           dtype=torch.float32, local_files_only=local_only,
+                                                           output_loading_info=True)
+    finally:
+        hf_log.removeFilter(no_report)
+    dropped = {k for k in info["unexpected_keys"] if (i := layer_index(f".{k}")) is not None and i >= n}
+    other = sorted(info["missing_keys"]) + sorted(set(info["unexpected_keys"]) - dropped)
+    if other:  # what a whole load would have reported
+        log.warning("%s: weights missing from the checkpoint or not in the model: %s", where, other[:5])
+    pad_blocks(model, config.num_hidden_layers)
+    return model
+
+
+def _from_pretrained(where: str, local_only: bool, blocks: Blocks | None = None) -> tuple[PreTrainedModel, object]:
+    model = _weights(where, local_only, blocks)
     tok = AutoTokenizer.from_pretrained(where, local_files_only=local_only)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
 
 
-def load_model(name: str, cache_dir: str | None = None) -> tuple[PreTrainedModel, object]:
+def load_model(name: str, cache_dir: str | None = None, blocks: Blocks | None = None) -> tuple[PreTrainedModel, object]:
     """(model in fp32, tokenizer). Aliases and local directories first; the Hub only for ``org/name`` ids (its
-    local cache when offline or unreachable). Anything else fails at once, listing the aliases."""
+    local cache when offline or unreachable). Anything else fails at once, listing the aliases. ``blocks``:
+    see the module docstring."""
     known = ", ".join(sorted(ALIASES))
     path = Path(name).expanduser()
     if name in ALIASES:
-        model, tok = ALIASES[name](cache_dir)
+        model, tok = ALIASES[name](cache_dir, blocks)
     elif path.is_dir():
         try:
-            model, tok = _from_pretrained(str(path), local_only=True)
+            model, tok = _from_pretrained(str(path), local_only=True, blocks=blocks)
         except (OSError, ValueError) as err:
             raise UserError(f"{path} is not a loadable HF model directory: {str(err).splitlines()[0]}",
                             where="model.name") from None
@@ -186,14 +223,14 @@ def load_model(name: str, cache_dir: str | None = None) -> tuple[PreTrainedModel
         # the HF cache first, asked directly: from_pretrained(local_files_only=True) still looks for an
         # adapter_config.json on the Hub (minutes of retries offline)
         if isinstance(try_to_load_from_cache(name, "config.json"), str):
-            model, tok = _from_pretrained(name, local_only=True)
+            model, tok = _from_pretrained(name, local_only=True, blocks=blocks)
         else:
             if offline or not _hub_reachable():
                 why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub is unreachable"
                 raise UserError(f"cannot load {name!r}: {why} and it is not in the local HF cache (built-in "
                                 f"aliases: {known}; or give a local model directory)", where="model.name") from None
             try:
-                model, tok = _from_pretrained(name, local_only=False)
+                model, tok = _from_pretrained(name, local_only=False, blocks=blocks)
             except (OSError, ValueError) as err:
                 raise UserError(f"cannot load {name!r} from the Hugging Face Hub: {str(err).splitlines()[0]}",
                                 where="model.name") from None

@@ -121,7 +121,12 @@ FAMILIES: dict[str, Family] = {
 
 
 def family_of(model: torch.nn.Module) -> Family:
-    mt = unwrap(model).config.model_type
+    return family_for(unwrap(model).config)
+
+
+def family_for(config) -> Family:
+    """The family of a model with this HF config."""
+    mt = config.model_type
     if mt not in FAMILIES:
         from splitcom.errors import UserError
 
