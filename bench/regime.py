@@ -82,7 +82,7 @@ def replayed(row: Path) -> dict[str, list[dict]]:
 
     log = row / "metrics.jsonl"
     cache = row / "replay.json"
-    key = f"{log.stat().st_size}/{SERVER}"
+    key = f"{log.stat().st_size}/{SERVER}/v2"
     old = json.loads(cache.read_text()) if cache.is_file() else {}
     if old.get("key") != key:
         old = {"key": key, "fleets": {name: replay(row, devices=spec, server_device=SERVER)
@@ -218,7 +218,8 @@ def report(args, runs: dict[str, list[dict]]) -> None:
             cells += [f"{_mean(reached) / 60:.1f} min" + ("" if len(reached) == len(rs) else
                       f" ({len(reached)} of {len(rs)} seeds)") if reached else "not reached",
                       f"{_mean(done) / 60:.1f} min"]
-        mem = rs[0]["summary"].get("client_memory_estimate_bytes")
+        mem = rs[0]["summary"].get("client_memory_estimate_bytes") or \
+            next(iter(rs[0]["fleets"].values()))[-1].get("memory_estimate_bytes")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt_bytes(max(mem)) if mem else '-'} |")
     out = args.out / "regime.md"
     notes = out.with_suffix(".notes.md")

@@ -20,8 +20,8 @@ from splitcom.runlog import read_metrics
 
 
 def replay(out: str | Path, devices: str | list[str] | None = None, server_device: str | None = None) -> list[dict]:
-    """Per finished epoch of the run in ``out``: ``{"epoch", "simulated_s", "val_ppl", "logged_s"}`` on
-    ``devices`` (a fleet name or list, as ``federation.devices``; None: the run's own)."""
+    """Per finished epoch of the run in ``out``: ``{"epoch", "simulated_s", "val_ppl", "logged_s",
+    "memory_estimate_bytes"}`` (the last: each client's device memory by the time model) on ``devices`` (a fleet name or list, as ``federation.devices``; None: the run's own)."""
     from splitcom.federation.setup import prepare
     from splitcom.fleet.fleet import Fleet
 
@@ -75,7 +75,7 @@ def replay(out: str | Path, devices: str | list[str] | None = None, server_devic
             fleet.aggregation({c: share_up for c in range(fleet.n)}, {c: share_down for c in range(fleet.n)})
         up, down = r["bytes_up"], r["bytes_down"]
         result.append({"epoch": epoch, "simulated_s": fleet.clock.now, "val_ppl": evals[epoch]["val_ppl"],
-                       "logged_s": r.get("simulated_s")})
+                       "logged_s": r.get("simulated_s"), "memory_estimate_bytes": fleet.memory_estimates()})
     return result
 
 
