@@ -64,7 +64,7 @@ def main() -> int:
         f1, a1 = base["first"]["bytes_by_stream"]["act_up"], best["first"]["bytes_by_stream"]["act_up"]
         r2 = best["reuse"].get(2, {})
         drift = r2.get("drift", {}).get("act_up", {})
-        q = lambda k, d=drift: f"{d[k]['median']:.4f} / {d[k]['p90']:.4f}" if k in d else "-"  # noqa: E731
+        q = lambda k, d=drift: f"{d[k]['median']:.2e} / {d[k]['p90']:.2e}" if k in d else "-"  # noqa: E731
         p0, p1 = base["eval"]["val_ppl"], best["eval"]["val_ppl"]
         red, red2 = 1 - aa / fa, 1 - (aa - a1) / (fa - f1)
         points.append({"S": S, "reduction": red, "epoch2": red2, "first": 1 - a1 / f1,
