@@ -100,7 +100,7 @@ def test_unknown_model_fails_at_once_listing_the_aliases(tmp_path, monkeypatch):
 
     calls = []
     real = load._from_pretrained
-    monkeypatch.setattr(load, "_from_pretrained", lambda where, local_only: calls.append((where, local_only)) or
+    monkeypatch.setattr(load, "_from_pretrained", lambda where, local_only, blocks=None: calls.append((where, local_only)) or
                         real(where, local_only))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = _err(runner.invoke(app, ["run", *FAST, "--set", "model.name=smollm3", "--out", str(tmp_path / "a")]))
