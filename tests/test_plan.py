@@ -74,6 +74,11 @@ FINGERPRINTS = {
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": "42f1b43439b4aaa6",
     "ushape+temporal+int4": "21283637fb30cabd",
     "fl": None,  # federated LoRA (issue 21): no tensor stream
+    # rows added after issue 17, recorded from the code that added them (issue 18): `shared` builds baseline's
+    # ends (server_adapters is not a stream knob); summary_norm is not in the fingerprint (tests/test_temporal.py)
+    "shared": "400027e4a86bc867",
+    "all+int4o": "378d721ad3e3764d",
+    "all+channel": "a58b3eeefd2efddc",
     "fl+int8-delta-zstd": None,
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
