@@ -1,0 +1,15 @@
+#!/bin/bash
+# Runs learning-regime rows of bench/comm.py one after another (issue 18), after process WAIT_PID ends (0: at once):
+#   bench/regime_queue.sh WAIT_PID ROW[@sN] ...     e.g. bench/regime_queue.sh 0 all+int4o baseline@s2
+# Each row: 2000 E2E samples, 10 clients, 2 epochs, drift probe on; resumable (--resume); logs in logs/.
+cd "$(dirname "$0")/.." && mkdir -p logs
+wait_pid=$1; shift
+while [[ $wait_pid != 0 ]] && kill -0 "$wait_pid" 2>/dev/null; do sleep 20; done
+for spec in "$@"; do
+  row=${spec%@s*}; seed=0; [[ $spec == *@s* ]] && seed=${spec##*@s}
+  echo "$(date -u +%H:%M:%S) start $spec" >> logs/queue.log
+  OMP_NUM_THREADS=1 .venv/bin/python bench/comm.py --rows "$row" --samples 2000 --epochs 2 --eval-samples 200 \
+    --clients 10 --lr 5e-4 --max-length 64 --score 100 --beams 4 --threads 1 --resume --seed "$seed" \
+    --out "bench/results/regime/$spec" --runs runs/regime --set logging.drift=true > "logs/regime-$spec.log" 2>&1
+  echo "$(date -u +%H:%M:%S) end $spec rc=$?" >> logs/queue.log
+done
