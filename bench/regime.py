@@ -172,7 +172,8 @@ def report(args, runs: dict[str, list[dict]]) -> None:
             f"{_mean(p):.3f}{sp(p, '.3f')} | {dppl} | {format(_mean(bl), '.4f') + sp(bl, '.4f') if bl else '-'} | "
             f"{dbleu} | {gen('NIST', '.3f')} | {gen('METEOR', '.4f')} | {gen('ROUGE_L', '.4f')} | "
             f"{gen('CIDEr', '.3f')} |")
-    spread = (f"val ppl {spread_ppl:.3f} ({100 * spread_ppl / b_ppl:.2f} %), BLEU {spread_bleu:.4f} ({len(base)} seeds)"
+    bleu_spread = f"BLEU {spread_bleu:.4f}" if len(b_bleus) > 1 else f"BLEU of {len(b_bleus)} seed scored so far"
+    spread = (f"val ppl {spread_ppl:.3f} ({100 * spread_ppl / b_ppl:.2f} %), {bleu_spread} ({len(base)} seeds)"
               if len(base) > 1 else "not measured yet (one seed finished)")
     lines += ["", f"fp32 SFL seed-to-seed spread: {spread}. A row's difference from fp32 SFL counts as no quality "
               "loss only where it is within that spread.", "",
