@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
+from splitcom.compress.temporal import channel_rms, cosine
+
 KINDS = ("between", "between_channel", "stale", "summary")
 
 
 def one_minus_cos(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.reshape(-1).double(), b.reshape(-1).double()
-    denom = float(a.norm() * b.norm())
-    return 0.0 if denom == 0 else 1.0 - float(a @ b) / denom
+    return 1.0 - cosine(a, b)
 
 
 class DriftProbe:
@@ -38,7 +38,7 @@ class DriftProbe:
         if prev is not None and prev.shape == x.shape:
             prev = prev.float()
             self.values["between"].append(one_minus_cos(x, prev))
-            scale = prev.pow(2).mean(0).sqrt().clamp_min(1e-6)  # [H]: each channel's RMS over the tokens
+            scale = channel_rms(prev)  # [H]
             self.values["between_channel"].append(one_minus_cos(x / scale, prev / scale))
         held = self.sent.get(sample_id)
         if held is not None and held.shape == x.shape:

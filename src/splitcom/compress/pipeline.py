@@ -73,7 +73,8 @@ class Outgoing:
         n, h = row.shape[0], self.hidden  # row: [T_i, H]
         reuse = self.sender is not None and self.sender.should_reuse(sample_id, row, self.threshold)
         if self.drift is not None:
-            self.drift.sighting(sample_id, row, self.sender.similarity(sample_id, row) if self.sender else None)
+            # the summary cosine should_reuse just computed (None where it compared nothing)
+            self.drift.sighting(sample_id, row, self.sender.last_similarity.get(sample_id) if self.sender else None)
         if reuse:
             self.sender.mark_reused(sample_id)
             self.sent_reuse += 1

@@ -41,6 +41,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / denom)
 
 
+def channel_rms(x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [H]
+    """Each channel's RMS over the tokens (floored), the scale of ``summary_norm=channel`` and of the drift probe."""
+    return x.detach().to("cpu", torch.float32).pow(2).mean(0).sqrt().clamp_min(1e-6)
+
+
 class TemporalSender:
     def __init__(self, hidden: int, dim: int, seed: int, stream: str, max_reuse_streak: int | None = None,
                  norm: str = "none"):
@@ -67,6 +72,7 @@ class TemporalSender:
     def should_reuse(self, sample_id: int, x: torch.Tensor, threshold: float) -> bool:
         sim = self.similarity(sample_id, x)
         if sim is None:
+            self.last_similarity.pop(sample_id, None)  # no comparison this time (first sight, new length)
             return False
         self.last_similarity[sample_id] = sim
         if self.max_reuse_streak is not None and self.streak.get(sample_id, 0) >= self.max_reuse_streak:
@@ -86,7 +92,7 @@ class TemporalSender:
         """Record the reference the next tensor is compared with (see ``summary_of``)."""
         scale = None
         if self.norm == "channel":
-            scale = reference.detach().to("cpu", torch.float32).pow(2).mean(0).sqrt().clamp_min(1e-6)
+            scale = channel_rms(reference)
             self.scales[sample_id] = scale
         self.summaries[sample_id] = self.summary(reference, scale)
         self.streak[sample_id] = 0
