@@ -96,11 +96,13 @@ def gather(row: Path, epoch: int, beams: int, n: int) -> dict | None:
     from splitcom.config import load_config
     from splitcom.runlog import read_metrics
 
-    ev = evals(row)
+    if not (row / "metrics.jsonl").is_file():
+        return None
+    events = read_metrics(row / "metrics.jsonl")  # read once: evaluations and reuse events
+    ev = {e["epoch"]: e for e in events if e["event"] == "eval"}
     if epoch not in ev:
         return None
     cfg = load_config(row / "config.yaml")
-    events = read_metrics(row / "metrics.jsonl")
     reuse = {e["epoch"]: e for e in events if e["event"] == "reuse"}
     summary = json.loads((row / "summary.json").read_text()) if (row / "summary.json").is_file() else {}
     sc = {}
