@@ -94,6 +94,9 @@ ROWS: dict[str, list[str]] = {
     "all": ALL,
     "all+channel": [*ALL, f"{T}.summary_norm=channel"],  # reuse decided on a channel-normalised summary
     "all+int4o": [*ALL, "compression.codec=int4o"],  # first sights at 4 bits, outlier channels kept at 16
+    # grad_down too (fp32 in `all`): int4 first sights, so a client's bytes per round can go below federated
+    # LoRA's adapter exchange (issue 21)
+    "all+grad-int4": [*ALL, "compression.grad_codec=int4"],
     "all+int2": [*ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2"],
     # the threshold and the refresh codec trade the refresh waves of long runs against staleness
     "all@0.995+int2": [f"{T}.enabled=true", f"{T}.threshold=0.995", "compression.codec=int8", f"{T}.refresh=delta",

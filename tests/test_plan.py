@@ -80,6 +80,7 @@ FINGERPRINTS = {
     "all+int4o": "378d721ad3e3764d",
     "all+channel": "a58b3eeefd2efddc",
     "fl+int8-delta-zstd": None,
+    "all+grad-int4": "c2c35bb4ce6eb65c",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
