@@ -106,6 +106,10 @@ ROWS: dict[str, list[str]] = {
                  "compression.prefix=true", "compression.entropy=zstd", "compression.adapter_codec=int8"],
     "bangbang+all": [*ALL, f"{T}.controller=bangbang", f"{T}.bangbang.aggressive=0.99",
                      f"{T}.bangbang.conservative=0.9999"],
+    # bang-bang on a byte budget (issue 18 item 5): repeat sightings may cost 10 % of their int8 FULL bytes;
+    # each client's sender switches between 0.99 and 0.9999 sample by sample to stay there
+    "bangbang-budget+all": [*ALL, f"{T}.controller=bangbang", f"{T}.bangbang.aggressive=0.99",
+                            f"{T}.bangbang.conservative=0.9999", f"{T}.bangbang.budget=0.1"],
     "ddpg+all": [*ALL, f"{T}.controller=ddpg", f"{T}.ddpg.low=0.99", f"{T}.ddpg.high=0.9999"],
     "ushape+all": USHAPE_ALL,
     "ushape+all+int2": [*USHAPE_ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2"],

@@ -285,7 +285,8 @@ def test_fl_server_resume_equals_uninterrupted_run(procs, tmp_path):
 
 @pytest.mark.parametrize("over,exact", [
     ({"compression.temporal.enabled": True, "train.epochs": 3, "compression.temporal.controller": "bangbang",
-      "compression.temporal.bangbang.aggressive": 0.3, "compression.temporal.bangbang.conservative": 0.6}, "reuse"),
+      "compression.temporal.bangbang.aggressive": 0.3, "compression.temporal.bangbang.conservative": 1.0,
+      "compression.temporal.bangbang.budget": 0.5}, "reuse"),
     ({"federation.schedule": "longest_tail_first", "federation.server_adapters": "shared"}, None),
     ({"split.mode": "ushape", "split.tail_layers": 1, "compression.temporal.enabled": True,
       "compression.temporal.threshold": 0.3, "compression.codec": "int8", "compression.grad_codec": "int8",
@@ -302,8 +303,8 @@ def test_fl_server_resume_equals_uninterrupted_run(procs, tmp_path):
 ])
 def test_in_process_deployment(tmp_path, over, exact):
     """Server and clients as threads of this process, over gRPC loopback. With temporal reuse and a
-    threshold controller (the server sends each round's threshold down) round_robin still matches
-    simulation exactly; so does U-shape with reuse on all four streams, int8 and a cut rank (two
+    threshold controller (the server sends each round's threshold down) and bang-bang's byte budget (each
+    client's sender switches levels sample by sample) round_robin still matches simulation exactly; so does U-shape with reuse on all four streams, int8 and a cut rank (two
     exchanges per step, the client keeps its turn between), and adaptive cuts that move between rounds;
     a dynamic schedule trains too (its order depends on timing); so does residual refresh with shared
     prompt prefixes and zstd. Federated LoRA (fl) deploys too: each client trains the whole model between
@@ -324,6 +325,8 @@ def test_in_process_deployment(tmp_path, over, exact):
     if exact == "reuse":
         assert sim["reuse_ratio"] > 0.3 and dep["reuse_ratio"] == sim["reuse_ratio"]
         assert dep["threshold_by_epoch"] == sim["threshold_by_epoch"] == [0.3, 0.3, 0.3]
+        # the byte budget (0.5 of FULL): each client sends every other repeat sighting FULL, sample by sample
+        assert dep["reuse_ratio_by_epoch"] == sim["reuse_ratio_by_epoch"] == [0.0, 0.5, 0.5]
     if exact == "ushape":
         assert "labels_up" not in dep["bytes_by_stream"] and dep["bytes_by_stream"]["grad_up"] > 0
         assert sim["reuse_ratio_by_stream"]["act_down"] > 0

@@ -81,6 +81,7 @@ FINGERPRINTS = {
     "all+channel": "a58b3eeefd2efddc",
     "fl+int8-delta-zstd": None,
     "all+grad-int4": "c2c35bb4ce6eb65c",
+    "bangbang-budget+all": "7b9c7769099a91b6",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
@@ -171,7 +172,8 @@ def _outgoing(e) -> list:
     s, r = e.sender, e._R
     return [e.stream.name, e.codec.name, e.delta_codec.name, s is not None, None if s is None else s.max_reuse_streak,
             e.threshold, e.summary_of, None if e.mirror is None else e.mirror.store, e.prefix is not None, e.entropy,
-            None if r is None else [list(r.shape), round(float(r.double().abs().sum()), 6)]]
+            None if r is None else [list(r.shape), round(float(r.double().abs().sum()), 6)]] + \
+        ([["budget", e.budget, list(e.levels)]] if e.budget is not None else [])  # added with bangbang.budget
 
 
 def _incoming(e) -> list:

@@ -123,6 +123,10 @@ VOLATILE = {"wall_s", "peak_rss_bytes"}
       "compression.adapter_codec": "int8", "compression.entropy": "zstd"}, True),
     ({"compression.temporal.enabled": True, "compression.temporal.controller": "bangbang",
       "compression.temporal.bangbang.aggressive": 0.3, "compression.temporal.bangbang.conservative": 0.6}, True),
+    # bang-bang's byte budget: the senders' repeat-sighting bytes go on from the checkpoint
+    ({"compression.temporal.enabled": True, "compression.temporal.controller": "bangbang",
+      "compression.temporal.refresh": "delta", "compression.temporal.bangbang.aggressive": 0.3,
+      "compression.temporal.bangbang.conservative": 1.0, "compression.temporal.bangbang.budget": 0.5}, True),
     # every cache a checkpoint must carry: summaries, DELTA mirrors (disk store too), prefixes, adapter mirrors,
     # on all four streams of U-shape
     ({"compression.temporal.enabled": True, "compression.temporal.threshold": 0.3, "compression.temporal.refresh":

@@ -230,3 +230,53 @@ def test_channel_normalised_summary_sees_drift_behind_a_massive_channel():
     fresh = TemporalSender(64, 16, 0, "act_up", norm="channel")
     fresh.load_state(st)
     assert fresh.similarity(7, y) == chan.similarity(7, y)
+
+
+def _drifting(out, budget_run: int = 40, seed: int = 0) -> list[str]:
+    """Sample 0..7 seen once, then ``budget_run`` repeat sightings, each drifted so its summary cosine sits
+    between the two levels; the kinds of the repeats, in order."""
+    g = torch.Generator().manual_seed(seed)
+    x = {sid: torch.randn(6, 64, generator=g) for sid in range(8)}
+    out.message(0, 0, list(x), list(x.values()))
+    kinds = []
+    for i in range(budget_run):
+        sid = i % 8
+        x[sid] = x[sid] + 0.05 * torch.randn(6, 64, generator=g)
+        msg = out.message(0, i + 1, [sid], [x[sid]])
+        kinds += ["reuse" if msg.samples[0].payload is None else "delta" if msg.samples[0].delta else "full"]
+    return kinds
+
+
+def test_bangbang_budget_keeps_repeat_sightings_within_it():
+    """bangbang.budget: sample by sample, the aggressive level while the repeat sightings so far cost more
+    than the budget, the conservative one otherwise; so the repeats cost the budget (within one sample's
+    DELTA), where the aggressive level alone reuses every one and the conservative one reuses none. After
+    val loss got worse (the controller's conservative level) the budget is suspended."""
+    from splitcom.compress.pipeline import Outgoing
+
+    def end(threshold, budget=None):
+        return Outgoing(Stream.act_up, "int8", 64, reuse=True, threshold=threshold, refresh="delta",
+                        delta_codec="int8", budget=budget, levels=(0.9, 0.99999))
+
+    assert set(_drifting(end(0.9))) == {"reuse"} and set(_drifting(end(0.99999))) == {"delta"}
+    for budget in (0.2, 0.5):
+        out = end(0.9, budget)
+        kinds = _drifting(out)
+        assert {"reuse", "delta"} <= set(kinds)
+        one_delta = out.delta_bytes / out.sent_delta
+        assert out.repeat_bytes <= budget * out.repeat_full_bytes + one_delta
+        assert out.repeat_bytes >= budget * out.repeat_full_bytes - one_delta
+        assert out.repeat_full_bytes == 40 * get_codec("int8").nbytes(6, 64)
+    guarded = end(0.99999, 0.2)  # val loss got worse: conservative for the epoch, whatever the budget
+    assert set(_drifting(guarded)) == {"delta"} and guarded.repeat_bytes > 0.2 * guarded.repeat_full_bytes
+
+
+def test_bangbang_budget_is_checked(tmp_path):
+    T = "compression.temporal"
+    for over, key in (({f"{T}.bangbang.budget": 0.1}, "compression.temporal"),  # needs controller: bangbang
+                      ({f"{T}.controller": "bangbang", f"{T}.bangbang.budget": 1.5}, "bangbang.budget"),
+                      ({f"{T}.controller": "bangbang", f"{T}.bangbang.budget": {"act_sideways": 0.1}},
+                       "bangbang.budget")):
+        with pytest.raises(UserError, match="budget") as err:
+            tiny_cfg(**{f"{T}.enabled": True, **over})
+        assert key in str(err.value) or key in (err.value.where or "")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from splitcom.compress.codecs import CODECS
 from splitcom.errors import UserError
@@ -175,15 +175,36 @@ class BangBangCfg(_Strict):
     conservative: float | dict[str, float] = Field(
         0.9999, description="Threshold after val loss got worse (a number, or a map by stream).")
     tolerance: float = Field(0.0, ge=0, description="Relative val-loss increase still counted as improving.")
+    budget: float | dict[str, float] | None = Field(
+        None, description="A byte budget, acted on sample by sample: the repeat sightings of a stream (every "
+        "sighting after a sample's first) may cost this fraction of sending them FULL, in total over the run. "
+        "While val loss keeps improving, the sender uses the aggressive level whenever its repeat sightings so "
+        "far cost more than the budget and the conservative one otherwise; after val loss got worse, the "
+        "conservative level for the whole epoch. A number in (0, 1], or a map by stream (streams it does not "
+        "name have none). None: the level changes once per epoch only.")
 
     @field_validator("aggressive", "conservative", mode="before")
     @classmethod
     def _levels(cls, v: Any, info: ValidationInfo) -> Any:
         return _per_stream(v, 0.99 if info.field_name == "aggressive" else 0.9999)
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        v = _stream_names(v)
+        for key, b in (v.items() if isinstance(v, dict) else [("", v)]):
+            if b is not None and not 0 < float(b) <= 1:
+                raise ValueError(f"{key + ': ' if key else ''}must be in (0, 1] (a fraction of the FULL bytes), "
+                                 f"got {b}")
+        return v
+
     def for_stream(self, stream: str) -> dict:
+        """The bang-bang controller's options for ``stream`` (the budget is the sender's: ``budget_of``)."""
         return {"aggressive": stream_value(self.aggressive, stream, 0.99),
                 "conservative": stream_value(self.conservative, stream, 0.9999), "tolerance": self.tolerance}
+
+    def budget_of(self, stream: str) -> float | None:
+        return stream_value(self.budget, stream, None) if self.budget is not None else None
 
 
 class DDPGCfg(_Strict):
@@ -249,7 +270,8 @@ class TemporalCfg(_Strict):
         "none", description="`channel`: scale every channel by its RMS over the reference tensor's tokens before "
         "the projection, so the few massive channels of a transformer's hidden state no longer dominate the "
         "cosine (the sender keeps H scales per sample; nothing changes on the wire).")
-    controller: Literal["fixed", "bangbang", "ddpg"] = Field("fixed", description="Threshold control per epoch.")
+    controller: Literal["fixed", "bangbang", "ddpg"] = Field(
+        "fixed", description="Threshold control per epoch (bang-bang's byte budget acts sample by sample).")
     streams: list[Literal["act_up", "grad_down", "act_down", "grad_up"]] = Field(
         ["act_up"], description="Tensor streams that use temporal reuse (act_down/grad_up exist in U-shape only).")
     bangbang: BangBangCfg = Field(default_factory=BangBangCfg)
@@ -259,6 +281,13 @@ class TemporalCfg(_Strict):
     @classmethod
     def _threshold_map(cls, v: Any) -> Any:
         return _per_stream(v, 0.999)
+
+    @model_validator(mode="after")
+    def _budget_needs_bangbang(self) -> TemporalCfg:
+        if self.bangbang.budget is not None and self.controller != "bangbang":
+            raise ValueError(f"bangbang.budget switches between bang-bang's two levels; it needs controller: "
+                             f"bangbang (got {self.controller!r})")
+        return self
 
     def threshold_of(self, stream: str) -> float:
         return stream_value(self.threshold, stream, 0.999)

@@ -49,6 +49,9 @@ class Outgoing:
             projection(hidden, min(p.projection_dim, hidden), p.seed, stream.name) if p.prefix else None
         self.entropy = p.entropy
         self.drift = DriftProbe() if p.measure_drift else None  # a diagnostic, not part of the mechanism
+        # bang-bang's byte budget: what this end's repeat sightings cost so far, and would have cost FULL
+        self.budget, self.levels = p.budget, p.levels
+        self.repeat_bytes = self.repeat_full_bytes = 0
         self.sent_full = self.sent_reuse = self.sent_delta = 0
         self.bytes_saved = 0  # payload bytes not sent thanks to REUSE, DELTA and shared prefixes
         self.delta_bytes = self.prefix_bytes_saved = 0
@@ -69,9 +72,25 @@ class Outgoing:
         if self.drift is not None:
             self.drift.was_sent(sample_id, row)
 
+    def _level(self) -> float:
+        """The threshold of the next sample. With a byte budget, while the controller allows its aggressive
+        level: aggressive while the repeat sightings so far cost more than the budget, else conservative."""
+        aggressive, conservative = self.levels
+        if self.budget is None or self.threshold >= conservative:
+            return self.threshold  # no budget, or val loss got worse: the controller's level for the epoch
+        return aggressive if self.repeat_bytes > self.budget * self.repeat_full_bytes else conservative
+
     def encode(self, sample_id: int, row: torch.Tensor, tokens: tuple[int, ...] | None = None) -> SampleTensor:
+        repeat = self.budget is not None and sample_id in self.sender.summaries
+        sent = self._encode(sample_id, row, tokens)
+        if repeat:
+            self.repeat_full_bytes += self.codec.nbytes(row.shape[0], self.hidden)
+            self.repeat_bytes += 0 if sent.payload is None else len(sent.payload)
+        return sent
+
+    def _encode(self, sample_id: int, row: torch.Tensor, tokens: tuple[int, ...] | None) -> SampleTensor:
         n, h = row.shape[0], self.hidden  # row: [T_i, H]
-        reuse = self.sender is not None and self.sender.should_reuse(sample_id, row, self.threshold)
+        reuse = self.sender is not None and self.sender.should_reuse(sample_id, row, self._level())
         if self.drift is not None:
             # the summary cosine should_reuse just computed (None where it compared nothing)
             self.drift.sighting(sample_id, row, self.sender.last_similarity.get(sample_id) if self.sender else None)
@@ -140,13 +159,18 @@ class Outgoing:
     def cache_state(self) -> dict:
         """What this end remembers of the receiver (summaries, the DELTA mirror, prefixes), for a checkpoint;
         and the drift probe's tensors, so a resumed run measures drift across the interruption."""
-        return {k: None if x is None else x.state() for k, x in
-                (("sender", self.sender), ("mirror", self.mirror), ("prefix", self.prefix), ("drift", self.drift))}
+        return {**{k: None if x is None else x.state() for k, x in
+                    (("sender", self.sender), ("mirror", self.mirror), ("prefix", self.prefix),
+                     ("drift", self.drift))},
+                "budget": [self.repeat_bytes, self.repeat_full_bytes]}
 
     def load_cache_state(self, st: dict) -> None:
         for k, x in (("sender", self.sender), ("mirror", self.mirror), ("prefix", self.prefix)):
             if x is not None:
                 x.load_state(st[k])
+        if self.budget is not None and "budget" not in st:
+            raise KeyError("budget")  # load_cache_state names the stream end and the checkpoint
+        self.repeat_bytes, self.repeat_full_bytes = st.get("budget", [0, 0])
         if self.drift is not None:
             self.drift.load_state(st.get("drift"))
 
@@ -291,7 +315,11 @@ def load_cache_state(out: dict, inc: dict, st: dict[str, dict], where: str) -> N
             if key not in st:
                 raise UserError(f"has no caches of the {key} stream end that this config uses (written by an "
                                 "older splitcom or another config): it cannot be resumed exactly", where=where)
-            e.load_cache_state(st[key])
+            try:
+                e.load_cache_state(st[key])
+            except KeyError as missing:
+                raise UserError(f"the caches of the {key} stream end lack {missing} (written by an older splitcom "
+                                "or another config): it cannot be resumed exactly", where=where) from None
 
 
 def stream_ends(plan: SidePlan, hidden: int, cache_dir: str | None = None) -> tuple[dict, dict]:

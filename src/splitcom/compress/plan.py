@@ -40,6 +40,10 @@ class StreamPlan:
     entropy: str = "none"  # lossless stage after the codec
     skip_reused: bool = False  # grad_down: no gradient for a sample whose activation was REUSEd
     measure_drift: bool = False  # a diagnostic: record the tensors' true drift between sightings (compress/drift.py)
+    # bang-bang's byte budget (config: compression.temporal.bangbang.budget): the sender switches sample by
+    # sample between the two levels to keep its repeat sightings within this fraction of their FULL bytes
+    budget: float | None = None
+    levels: tuple[float, float] = (0.99, 0.9999)  # bang-bang's (aggressive, conservative) for this stream
 
 
 @dataclass(frozen=True)
@@ -71,13 +75,19 @@ def stream_plan(cfg: Config, side: Side) -> SidePlan:
     down = [Stream.grad_down] + ([Stream.act_down] if ushape else [])
     on = set(t.streams) if t.enabled else set()
 
+    def budget(name: str) -> dict:
+        if t.controller != "bangbang" or t.bangbang.budget_of(name) is None or name not in on:
+            return {}
+        levels = t.bangbang.for_stream(name)
+        return {"budget": t.bangbang.budget_of(name), "levels": (levels["aggressive"], levels["conservative"])}
+
     def plan(s: Stream) -> StreamPlan:
         codec = c.codec if s.name.startswith("act") else c.grad_codec  # a codec, or a map by stream
         return StreamPlan(s, codec=stream_value(codec, s.name, "fp32"), reuse=s.name in on,
                           threshold=t.threshold_of(s.name), projection_dim=t.projection_dim, seed=cfg.train.seed,
                           summary_of=t.summary_of, summary_norm=t.summary_norm, max_reuse_streak=t.max_reuse_streak, refresh=t.refresh,
                           delta_codec=t.delta_codec_of(s.name), store=t.store, prefix=c.prefix and s == Stream.act_up,
-                          entropy=c.entropy, measure_drift=cfg.logging.drift,
+                          entropy=c.entropy, measure_drift=cfg.logging.drift, **budget(s.name),
                           skip_reused=s == Stream.grad_down and t.enabled and t.reused_grad == "skip")
 
     sends, receives = (up, down) if side == "client" else (down, up)
