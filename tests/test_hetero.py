@@ -101,3 +101,47 @@ def test_unknown_fleet_lists_known(tmp_path):
     with pytest.raises(UserError, match="federation.devices") as e:
         run(tiny_cfg(**{"federation.devices": "nosuchfleet"}), tmp_path, progress=False)
     assert "mixed10" in str(e.value)
+
+
+def test_client_stream_state_counts_against_its_device(tmp_path):
+    """What a client keeps per training sample (DELTA mirror, prompt prefixes, summaries) grows with its data:
+    the fleet's memory estimate includes it, as an upper bound of what a run measures; memory_fit leaves room
+    for it; a device it does not fit is refused naming the client, device and the disk store, which fits."""
+    from splitcom.compress.plan import state_bytes_per_sample, stream_plan
+    from splitcom.fleet.fleet import Fleet
+
+    T = "compression.temporal"
+    cached = {f"{T}.enabled": True, f"{T}.refresh": "delta", f"{T}.threshold": 0.3, "compression.prefix": True,
+              "compression.codec": "int8", "train.epochs": 2}
+    cfg = tiny_cfg(**cached)
+    s = prepare(cfg)
+    hidden, seq = s.split.hidden_size, cfg.data.max_length
+    per = state_bytes_per_sample(stream_plan(cfg, "client"), hidden, seq)
+    assert per == 2 * seq * hidden * 4 + seq * 16 * 4  # mirror + prompt rows + summaries
+    assert state_bytes_per_sample(stream_plan(tiny_cfg(), "client"), hidden, seq) == 0
+    disk = tiny_cfg(**cached, **{f"{T}.store": "disk"})
+    assert state_bytes_per_sample(stream_plan(disk, "client"), hidden, seq) == seq * hidden * 4 + seq * 16 * 4
+    ushape = tiny_cfg(**{"split.mode": "ushape", "split.tail_layers": 1, f"{T}.enabled": True,
+                         f"{T}.streams": ["act_up", "act_down", "grad_up", "grad_down"]})
+    # U-shape: summaries of act_up and grad_up, copies of the act_down and grad_down it receives
+    assert state_bytes_per_sample(stream_plan(ushape, "client"), hidden, seq) == 2 * seq * 16 * 4 + 2 * seq * hidden * 4
+
+    plain = run(tiny_cfg(**{"train.epochs": 2}), tmp_path / "plain", progress=False)
+    got = run(cfg, tmp_path / "cached", progress=False)
+    sizes = [len(p) for p in s.partitions]
+    extra = [a - b for a, b in zip(got["client_memory_estimate_bytes"], plain["client_memory_estimate_bytes"],
+                                   strict=True)]
+    assert extra == [per * k for k in sizes]
+    assert 0 < got["client_cache_bytes"] <= sum(extra)  # measured: the samples' real lengths, shared prompts
+
+    fit = tiny_cfg(**cached, **{"split.cut_policy": "memory_fit", "federation.devices": [
+        {"base": "laptop-cpu", "name": "small", "memory_bytes": max(got["client_memory_estimate_bytes"])}] * 3})
+    deepest = Fleet(fit, s.split.lm.config)  # its deepest cut fills the device
+    room = Fleet(fit, s.split.lm.config, [max(got["client_memory_estimate_bytes"]) // 3 // per] * 3)
+    assert max(room.cuts) < max(deepest.cuts)  # the state took the room of deeper blocks
+    phone = {"federation.devices": ["phone-midrange@lte"] * 3}
+    many = [int(4 * 2**30 / per * 1.2)] * 3  # 1.2x the phone's 4 GiB
+    with pytest.raises(UserError, match="client 0's device 'phone-midrange@lte'.*store: disk") as err:
+        Fleet(tiny_cfg(**cached, **phone), s.split.lm.config, many)
+    assert err.value.where == "federation.devices"
+    Fleet(tiny_cfg(**cached, **phone, **{f"{T}.store": "disk"}), s.split.lm.config, many)  # mirror on flash: fits

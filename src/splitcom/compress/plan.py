@@ -94,3 +94,23 @@ def stream_plan(cfg: Config, side: Side) -> SidePlan:
     adapters = StreamPlan(Stream.adapters_up if side == "client" else Stream.adapters_down, codec=c.adapter_codec,
                           refresh=c.adapter_refresh, delta_codec=c.adapter_delta_codec, entropy=c.entropy)
     return SidePlan(side, {s: plan(s) for s in sends}, {s: plan(s) for s in receives}, adapters)
+
+
+def state_bytes_per_sample(plan: SidePlan, hidden: int, seq_len: int, dtype_bytes: int = 4) -> int:
+    """An upper bound on the stream state one side keeps in memory per training sample of up to ``seq_len``
+    tokens (compress/pipeline.py): a sender's summaries (and channel scales), the DELTA mirror of what the
+    receiver holds and the rows of registered prompts (each as long as the sample at most); a receiver's
+    copies. A ``disk`` store keeps mirrors and copies on flash: they do not count. This is what grows with a
+    client's data, where the model and its training state do not."""
+    tensor = seq_len * hidden * dtype_bytes
+    total = 0
+    for p in plan.sends.values():
+        if p.reuse:
+            total += seq_len * p.projection_dim * dtype_bytes + (hidden * dtype_bytes if p.summary_norm == "channel"
+                                                                 else 0)
+            total += tensor if p.refresh == "delta" and p.store == "memory" else 0
+        total += tensor if p.prefix else 0
+    for p in plan.receives.values():
+        total += tensor if p.reuse and p.store == "memory" else 0
+        total += tensor if p.prefix else 0
+    return total

@@ -80,7 +80,7 @@ def client_blocks(cfg: Config, model_config, cid: int) -> list[int] | None:
 
 def client_cuts(s: Setup) -> list[int]:
     """Each client's cut, as simulation chooses it (fixed, or memory_fit on the configured devices)."""
-    return list(Fleet(s.cfg, s.split.lm.config).cuts)
+    return list(Fleet(s.cfg, s.split.lm.config, [len(p) for p in s.partitions]).cuts)
 
 
 def forget_summaries(ends) -> None:

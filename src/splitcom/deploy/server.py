@@ -50,7 +50,8 @@ class ServerDriver(Coordination):
         self.out.mkdir(parents=True, exist_ok=True)
         with PREPARE_LOCK:
             self.s = prepare(cfg)
-        self.fleet = Fleet(self.s.cfg, self.s.split.lm.config)  # each client's cut: fixed, memory_fit, or moved between rounds (adaptive)
+        # each client's cut: fixed, memory_fit (beside its stream state), or moved between rounds (adaptive)
+        self.fleet = Fleet(self.s.cfg, self.s.split.lm.config, [len(p) for p in self.s.partitions])
         self.server = make_server(self.s, dict(enumerate(self.fleet.cuts)),
                                   str(self.out / "cache") if cfg.compression.temporal.store == "disk" else None)
         self.batches = batches_per_client(self.s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from splitcom.compress.plan import state_bytes_per_sample, stream_plan
 from splitcom.config import Config
 from splitcom.errors import UserError
 from splitcom.federation.setup import tail_layers
@@ -17,10 +18,15 @@ from splitcom.models.split import family_for
 
 
 class Fleet:
-    def __init__(self, cfg: Config, model_config):
+    def __init__(self, cfg: Config, model_config, samples: list[int] | None = None):
         """``model_config``: the HF config of the whole model (a deployed client knows its cuts before it
-        loads its blocks)."""
+        loads its blocks); ``samples``: each client's training samples, for the stream state it keeps
+        (temporal reuse's mirrors and copies, prompt prefixes: ``state_bytes``), which must fit its device
+        beside its blocks."""
         self.cfg, self.n = cfg, cfg.federation.num_clients
+        per_sample = state_bytes_per_sample(stream_plan(cfg, "client"), int(model_config.hidden_size),
+                                            cfg.data.max_length) if cfg.federation.mode == "sfl" else 0
+        self.state_bytes = [per_sample * k for k in samples] if samples is not None else [0] * self.n
         self.tail = tail_layers(cfg)
         self.targets = tuple(cfg.model.lora.target_modules or family_for(model_config).lora_targets)
         self.clock = SimClock.from_config(cfg, model_config, self.n)
@@ -36,15 +42,33 @@ class Fleet:
             self.history = [list(self.cuts)]
             self._check_full_model(model_config, batch_tokens)
             return
-        # Deepest cut each device can hold (memory_fit raises, naming the device, if not even one block fits).
+        self._check_state(batch_tokens)
+        # Deepest cut each device can hold beside its stream state (memory_fit raises, naming the device, if
+        # not even one block fits).
         self.limits = [min(self.max_cut, memory_fit(self.clock.arch, d, batch_tokens, cfg.model.lora.rank,
-                                                    self.targets)) for d in self.clock.devices] \
+                                                    self.targets, reserve_bytes=state))
+                       for d, state in zip(self.clock.devices, self.state_bytes, strict=True)] \
             if policy != "fixed" else [self.max_cut] * self.n
         if policy == "memory_fit":
             self.cuts = list(self.limits)
         else:
             self.cuts = [min(cfg.split.cut_layer, lim) for lim in self.limits]
         self.history: list[list[int]] = [list(self.cuts)]
+
+    def _check_state(self, batch_tokens: int) -> None:
+        """A client's stream state grows with its data (a full tensor per sample and stream kept in memory): it
+        must leave room for the shallowest cut's blocks, else the device would run out of memory mid-run."""
+        for cid, (d, state) in enumerate(zip(self.clock.devices, self.state_bytes, strict=True)):
+            blocks = client_memory_bytes(self.clock.arch, 1 + self.tail, batch_tokens, self.cfg.model.lora.rank,
+                                         self.targets)
+            if state and state + blocks > d.memory_bytes:
+                raise UserError(
+                    f"client {cid}'s device {d.name!r} has {_gib(d.memory_bytes)} for training, but the stream state "
+                    f"it would keep in memory for its training samples (temporal reuse's DELTA mirror and copies, "
+                    f"prompt prefixes: up to {_gib(state)}) and its blocks ({_gib(blocks)}) do not fit: set "
+                    f"compression.temporal.store: disk (mirrors and copies on flash; prompt prefixes stay in memory), or "
+                    f"give it fewer samples",
+                    where=WHERE)
 
     def _check_full_model(self, model_config, batch_tokens: int) -> None:
         """Federated LoRA: every device must hold the whole model and its LoRA training state."""
@@ -89,12 +113,13 @@ class Fleet:
 
     def memory_estimates(self) -> list[int]:
         """Each client's device memory by the time model: the whole model's LoRA training (FL), or its head
-        blocks (and U-shape tail) at its current cut (SFL)."""
+        blocks (and U-shape tail) at its current cut and its stream state (SFL)."""
         if self.local:
             return [int(self.full_model_bytes)] * self.n
         batch_tokens = self.cfg.train.batch_size * self.cfg.data.max_length
         return [int(client_memory_bytes(self.clock.arch, cut + self.tail, batch_tokens, self.cfg.model.lora.rank,
-                                        self.targets)) for cut in self.cuts]
+                                        self.targets)) + state for cut, state in zip(self.cuts, self.state_bytes,
+                                                                                      strict=True)]
 
     def state_dict(self) -> dict:
         return {"cuts": list(self.cuts), "history": self.history, "now": self.clock.now,
