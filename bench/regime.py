@@ -73,6 +73,7 @@ def _rel(path: Path) -> str:
 
 FLEETS = {"10x jetson-orin-nx@lte": "jetson-orin-nx@lte", "mixed10": "mixed10"}
 SERVER = "a100@dc-10g"  # the time-to-quality fleets' server: a data-centre GPU, as a deployment would use
+HIDDEN = 576  # smollm2-135m's hidden size: the rows' tensors are [tokens, 576]
 PPL_TOL = 0.01  # time to quality: the first epoch end at or below the fp32 SFL row's final val ppl + 1 %
 
 
@@ -82,7 +83,7 @@ def replayed(row: Path) -> dict[str, list[dict]]:
 
     log = row / "metrics.jsonl"
     cache = row / "replay.json"
-    key = f"{log.stat().st_size}/{SERVER}/v2"
+    key = f"{log.stat().st_size}/{SERVER}/v3"  # v3: memory estimates count the clients' stream state
     old = json.loads(cache.read_text()) if cache.is_file() else {}
     if old.get("key") != key:
         old = {"key": key, "fleets": {name: replay(row, devices=spec, server_device=SERVER)
@@ -128,6 +129,7 @@ def _spread(xs: list[float]) -> float:
 
 def report(args, runs: dict[str, list[dict]]) -> None:
     """``runs``: row name -> its runs (one per seed) at the table's epoch."""
+    from splitcom.compress.plan import state_bytes_per_sample, stream_plan
     from splitcom.report.tables import fmt_bytes
 
     E = args.epoch
@@ -184,9 +186,14 @@ def report(args, runs: dict[str, list[dict]]) -> None:
               "(`logging.drift`, compress/drift.py): median / p90; *per channel*: the same with every channel "
               "scaled by its RMS (the massive channels no longer dominate); *stale*: against the copy the "
               "receiver holds (what a REUSE stands for); *summary*: what the 16-dim projection saw.", "",
+              f"*Client cache*: what a client's stream ends hold in memory at the end (summaries, the DELTA mirror, "
+              f"prompt prefixes), measured, mean per client; *at full E2E*: the same per sample, times a client's "
+              f"share of all {E2E_TRAIN:,} E2E training samples (10 clients), and the fleet's upper bound for that "
+              f"share (every sample data.max_length tokens long, every prompt its own: compress/plan.py "
+              f"`state_bytes_per_sample`; `compression.temporal.store: disk` moves mirrors and copies to flash).", "",
               "| row | reuse by epoch | act_up FULL / DELTA / REUSE | drift median / p90 | per channel | stale | "
-              "summary | client cache (mean per client) |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "summary | client cache (mean per client) | at full E2E: measured / bound |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, rs in runs.items():
         if not rs or rs[0]["cfg"].federation.mode != "sfl":
             continue
@@ -197,16 +204,21 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         d = r["reuse"].get(E, {}).get("drift", {}).get("act_up", {})
         q = lambda k, d=d: f"{d[k]['median']:.4f} / {d[k]['p90']:.4f}" if k in d else "-"  # noqa: E731
         cache = r["summary"].get("client_cache_bytes")
-        n = r["cfg"].federation.num_clients
+        cfg = r["cfg"]
+        n, samples = cfg.federation.num_clients, r["summary"].get("train_samples") or cfg.data.max_train_samples
+        share = E2E_TRAIN / n
+        bound = state_bytes_per_sample(stream_plan(cfg, "client"), HIDDEN, cfg.data.max_length) * share
+        full = f"{fmt_bytes(cache / samples * share)} / {fmt_bytes(bound)}" if cache is not None and samples else "-"
         lines.append(f"| {name} | {by} | {counts} | {q('between')} | {q('between_channel')} | {q('stale')} | "
-                     f"{q('summary')} | {fmt_bytes(cache / n) if cache is not None else '-'} |")
+                     f"{q('summary')} | {fmt_bytes(cache / n) if cache is not None else '-'} | {full} |")
     lines += ["", "## Time to quality (simulated) and device memory", "",
               f"The simulated clock (fleet/clock.py) of each run replayed on two fleets (fleet/replay.py: the same "
               f"batches and the bytes each client really sent in each step and round) with an `{SERVER}` server. "
               f"*to quality*: simulated time at the first epoch end whose val ppl is at or below fp32 SFL's final "
               f"{b_ppl:.3f} + {100 * PPL_TOL:.0f} % = {target:.3f} (only epoch ends are evaluated); *all {E} epochs*: "
-              "the whole run. Device memory: the time model's estimate per client (its blocks, LoRA state, "
-              "activations for a batch of 8 x 64 tokens).", "",
+              "the whole run. Device memory: the time model's estimate, largest client (SFL: its blocks, LoRA state, "
+              "activations for a batch of 8 x 64 tokens, and the upper bound of its stream state for its samples; "
+              "FL: the whole model's LoRA training).", "",
               "| row | " + " | ".join(f"{f}: to quality | {f}: all {E} epochs" for f in FLEETS) +
               " | device memory (estimate) |",
               "| --- | " + " | ".join("---: | ---:" for _ in FLEETS) + " | ---: |"]
@@ -222,8 +234,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
             cells += [f"{_mean(reached) / 60:.1f} min" + ("" if len(reached) == len(rs) else
                       f" ({len(reached)} of {len(rs)} seeds)") if reached else "not reached",
                       f"{_mean(done) / 60:.1f} min"]
-        mem = rs[0]["summary"].get("client_memory_estimate_bytes") or \
-            next(iter(rs[0]["fleets"].values()))[-1].get("memory_estimate_bytes")
+        # the replay's estimate is today's time model (a run's summary keeps the one it ran with)
+        mem = next(iter(rs[0]["fleets"].values()))[-1].get("memory_estimate_bytes") or \
+            rs[0]["summary"].get("client_memory_estimate_bytes")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt_bytes(max(mem)) if mem else '-'} |")
     out = args.out / "regime.md"
     notes = out.with_suffix(".notes.md")
@@ -235,8 +248,9 @@ def _red(value: float, base: float) -> str:
     return f"{100 * (1 - value / base):.2f} %" if base else "-"
 
 
-ORDER = ["centralized", "baseline", "shared", "temporal+int8", "all", "bangbang+all", "ddpg+all", "ushape",
-         "ushape+codec-map", "fl", "fl+int8-delta-zstd"]
+ORDER = ["centralized", "baseline", "shared", "temporal+int8", "all", "all+channel", "all+int4o", "all+grad-int4",
+         "bangbang+all", "bangbang-budget+all", "ddpg+all", "ushape", "ushape+codec-map", "fl", "fl+int8-delta-zstd"]
+E2E_TRAIN = 42_061  # rows of E2E's trainset.csv: a client's share of the full set is E2E_TRAIN / clients
 
 
 def main() -> int:
