@@ -50,15 +50,18 @@ def main() -> int:
              f"prefixes, zstd, int8 adapter deltas) of bench/comm.py at epoch {E}: 10 clients, length_dirichlet 0.5, "
              "smollm2-135m, cut 2, lr 5e-4, batch 8, max length 64, val ppl on the same 200 E2E dev samples. "
              "S = train samples / 80. Drift: 1 - cos of a sample's act_up between its sightings in epochs 1 and 2 "
-             "(median / p90; per channel: every channel scaled by its RMS first).", "",
+             "(median / p90; per channel: every channel scaled by its RMS first). Prompt rows shared: act_up rows a first "
+             "sight did not send because an earlier sample of the same client with the same prompt (E2E: the same "
+             "MR) had sent them, over all rows of an epoch.", "",
              "| S | samples | fp32 act_up MB | all act_up MB | act_up less | of which epoch 1 | epoch 2 alone less | "
-             "reuse epoch 2 | act_up drift median / p90 | per channel | val ppl fp32 | val ppl all | Δppl |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "reuse epoch 2 | act_up drift median / p90 | per channel | prompt rows shared | val ppl fp32 | "
+             "val ppl all | Δppl |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     points = []
     for S, d in dirs.items():
         base, best = row(d / "baseline", E), row(d / "all", E)
         if base is None or best is None:
-            lines.append(f"| {S} | {S * SAMPLES_PER_STEP} | not run yet | | | | | | | | | | |")
+            lines.append(f"| {S} | {S * SAMPLES_PER_STEP} | not run yet | | | | | | | | | | | |")
             continue
         fa, aa = base["eval"]["bytes_by_stream"]["act_up"], best["eval"]["bytes_by_stream"]["act_up"]
         f1, a1 = base["first"]["bytes_by_stream"]["act_up"], best["first"]["bytes_by_stream"]["act_up"]
@@ -67,12 +70,17 @@ def main() -> int:
         q = lambda k, d=drift: f"{d[k]['median']:.2e} / {d[k]['p90']:.2e}" if k in d else "-"  # noqa: E731
         p0, p1 = base["eval"]["val_ppl"], best["eval"]["val_ppl"]
         red, red2 = 1 - aa / fa, 1 - (aa - a1) / (fa - f1)
+        # prompt prefixes are shared by first sights only: rows shared over the rows of one epoch (every sample once)
+        tr, epochs = best["summary"].get("transfers_by_stream", {}).get("act_up"), best["summary"].get("epochs")
+        shared = tr["prefix_rows_shared"] / (best["summary"]["train_tokens"] / epochs) if tr and epochs else None
         points.append({"S": S, "reduction": red, "epoch2": red2, "first": 1 - a1 / f1,
                        "reuse": r2.get("reuse_ratio", 0.0),
                        "drift": drift.get("between", {}).get("median"), "drift_p90": drift.get("between", {}).get("p90")})
         lines.append(f"| {S} | {S * SAMPLES_PER_STEP} | {fa / 1e6:,.1f} | {aa / 1e6:,.2f} | {100 * red:.2f} % | "
                      f"{100 * (1 - a1 / f1):.2f} % | {100 * red2:.2f} % | {r2.get('reuse_ratio', 0):.3f} | "
-                     f"{q('between')} | {q('between_channel')} | {p0:.3f} | {p1:.3f} | {100 * (p1 / p0 - 1):+.2f} % |")
+                     f"{q('between')} | {q('between_channel')} | "
+                     f"{'-' if shared is None else format(100 * shared, '.1f') + ' %'} | {p0:.3f} | {p1:.3f} | "
+                     f"{100 * (p1 / p0 - 1):+.2f} % |")
     (args.out / "scaling.json").write_text(json.dumps(points, indent=1))
     if points:
         plot(points, args.out / "scaling.png")
