@@ -117,10 +117,11 @@ def test_client_stream_state_counts_against_its_device(tmp_path):
     s = prepare(cfg)
     hidden, seq = s.split.hidden_size, cfg.data.max_length
     per = state_bytes_per_sample(stream_plan(cfg, "client"), hidden, seq)
-    assert per == 2 * seq * hidden * 4 + seq * 16 * 4  # mirror + prompt rows + summaries
+    assert per == 2 * seq * hidden * 4 + seq * 16 * 4 + seq * (16 * 4 + 8)  # mirror, prompt rows, summaries,
+    # the prompts' summaries and tokens
     assert state_bytes_per_sample(stream_plan(tiny_cfg(), "client"), hidden, seq) == 0
     disk = tiny_cfg(**cached, **{f"{T}.store": "disk"})
-    assert state_bytes_per_sample(stream_plan(disk, "client"), hidden, seq) == seq * hidden * 4 + seq * 16 * 4
+    assert state_bytes_per_sample(stream_plan(disk, "client"), hidden, seq) == per - seq * hidden * 4
     ushape = tiny_cfg(**{"split.mode": "ushape", "split.tail_layers": 1, f"{T}.enabled": True,
                          f"{T}.streams": ["act_up", "act_down", "grad_up", "grad_down"]})
     # U-shape: summaries of act_up and grad_up, copies of the act_down and grad_down it receives

@@ -274,6 +274,8 @@ def test_bangbang_budget_keeps_repeat_sightings_within_it():
 def test_bangbang_budget_is_checked(tmp_path):
     T = "compression.temporal"
     for over, key in (({f"{T}.bangbang.budget": 0.1}, "compression.temporal"),  # needs controller: bangbang
+                      ({f"{T}.controller": "bangbang", f"{T}.bangbang.budget": {"grad_down": 0.1}},
+                       "compression.temporal"),  # grad_down does not use reuse here
                       ({f"{T}.controller": "bangbang", f"{T}.bangbang.budget": 1.5}, "bangbang.budget"),
                       ({f"{T}.controller": "bangbang", f"{T}.bangbang.budget": {"act_sideways": 0.1}},
                        "bangbang.budget")):

@@ -185,7 +185,8 @@ class BangBangCfg(_Strict):
     tolerance: float = Field(0.0, ge=0, description="Relative val-loss increase still counted as improving.")
     budget: float | dict[str, float] | None = Field(
         None, description="A byte budget, acted on sample by sample: the repeat sightings of a stream (every "
-        "sighting after a sample's first) may cost this fraction of sending them FULL, in total over the run. "
+        "sighting after a sample's first) may cost this fraction of sending them FULL (codec payload bytes, before "
+        "the entropy stage), in total over the run. "
         "While val loss keeps improving, the sender uses the aggressive level whenever its repeat sightings so "
         "far cost more than the budget and the conservative one otherwise; after val loss got worse, the "
         "conservative level for the whole epoch. A number in (0, 1], or a map by stream (streams it does not "
@@ -292,9 +293,15 @@ class TemporalCfg(_Strict):
 
     @model_validator(mode="after")
     def _budget_needs_bangbang(self) -> TemporalCfg:
-        if self.bangbang.budget is not None and self.controller != "bangbang":
-            raise ValueError(f"bangbang.budget switches between bang-bang's two levels; it needs controller: "
-                             f"bangbang (got {self.controller!r})")
+        budget = self.bangbang.budget
+        if budget is None:
+            return self
+        if self.controller != "bangbang" or not self.enabled:
+            raise ValueError(f"bangbang.budget switches between bang-bang's two levels of temporal reuse; it needs "
+                             f"enabled: true and controller: bangbang (got {self.enabled}, {self.controller!r})")
+        off = sorted(set(budget) - set(self.streams)) if isinstance(budget, dict) else []
+        if off:
+            raise ValueError(f"bangbang.budget names {off}, which do not use temporal reuse (streams: {self.streams})")
         return self
 
     def threshold_of(self, stream: str) -> float:

@@ -202,7 +202,8 @@ def add_counts(*parts: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
     return dict(sorted(out.items()))
 
 
-_COUNTS = ("sent_full", "sent_reuse", "bytes_saved", "sent_delta", "delta_bytes", "prefix_bytes_saved")
+_COUNTS = ("sent_full", "sent_reuse", "bytes_saved", "sent_delta", "delta_bytes", "prefix_bytes_saved",
+           "repeat_bytes", "repeat_full_bytes")  # the last two: bang-bang's byte budget so far
 
 
 def end_counts(ends: dict) -> dict[str, list[int]]:

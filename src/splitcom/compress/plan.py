@@ -99,9 +99,10 @@ def stream_plan(cfg: Config, side: Side) -> SidePlan:
 def state_bytes_per_sample(plan: SidePlan, hidden: int, seq_len: int, dtype_bytes: int = 4) -> int:
     """An upper bound on the stream state one side keeps in memory per training sample of up to ``seq_len``
     tokens (compress/pipeline.py): a sender's summaries (and channel scales), the DELTA mirror of what the
-    receiver holds and the rows of registered prompts (each as long as the sample at most); a receiver's
-    copies. A ``disk`` store keeps mirrors and copies on flash: they do not count. This is what grows with a
-    client's data, where the model and its training state do not."""
+    receiver holds and the registered prompts (rows, summaries, tokens; each as long as the sample at most); a
+    receiver's copies and prompt rows. A ``disk`` store keeps mirrors and copies on flash: they do not count.
+    ``logging.drift``'s probe (a diagnostic) is not counted. This is what grows with a client's data, where the
+    model and its training state do not."""
     tensor = seq_len * hidden * dtype_bytes
     total = 0
     for p in plan.sends.values():
@@ -109,7 +110,8 @@ def state_bytes_per_sample(plan: SidePlan, hidden: int, seq_len: int, dtype_byte
             total += seq_len * p.projection_dim * dtype_bytes + (hidden * dtype_bytes if p.summary_norm == "channel"
                                                                  else 0)
             total += tensor if p.refresh == "delta" and p.store == "memory" else 0
-        total += tensor if p.prefix else 0
+        # a registered prompt: its rows, their summaries and 8 bytes a token (compress/prefix.py)
+        total += tensor + seq_len * (min(p.projection_dim, hidden) * dtype_bytes + 8) if p.prefix else 0
     for p in plan.receives.values():
         total += tensor if p.reuse and p.store == "memory" else 0
         total += tensor if p.prefix else 0

@@ -30,8 +30,9 @@ from splitcom.deploy.plan import (
     round_plan,
 )
 from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.setup import make_client, prepare
+from splitcom.federation.setup import make_client, prepare, tail_layers
 from splitcom.models.adapters import GLOBAL
+from splitcom.models.hold import hold_only
 from splitcom.runlog import peak_rss_bytes, rss_bytes
 from splitcom.transport.grpc_client import (
     AuthRefused,
@@ -168,6 +169,11 @@ class ClientDriver:
         self.rss_before_model = rss_bytes()
         with PREPARE_LOCK:  # the model holds only the blocks this client may run (models/hold.py)
             s = prepare(cfg, lambda model_config: client_blocks(cfg, model_config, self.cid))
+            # the model loads before the data is partitioned; the stream state this client keeps for its
+            # samples may leave room for fewer blocks (memory_fit, adaptive): drop those too
+            keep = client_blocks(cfg, s.split.lm.config, self.cid, [len(p) for p in s.partitions])
+            if keep is not None:
+                hold_only(s.split.lm, keep, head=tail_layers(cfg) > 0)
             if partition_digest(s, self.cid) != hello.partition_digest:
                 raise UserError("this client's data gives a different partition than the server's (it needs the "
                                 "same dataset, config and seed)", where=self.opts.data or "data.dataset")

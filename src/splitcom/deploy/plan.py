@@ -67,13 +67,15 @@ def partition_digest(s: Setup, cid: int) -> bytes:
     return h.digest()
 
 
-def client_blocks(cfg: Config, model_config, cid: int) -> list[int] | None:
+def client_blocks(cfg: Config, model_config, cid: int, samples: list[int] | None = None) -> list[int] | None:
     """The decoder blocks deployed client ``cid`` may ever run, from the whole model's HF config: [0, its
     deepest cut) (its cut; adaptive: the deepest its device holds, as the server may move it there) and
-    U-shape's tail; None (every block) in federated LoRA."""
+    U-shape's tail; None (every block) in federated LoRA. ``samples`` (each client's training samples, known
+    once the data is partitioned): the device also keeps its stream state, which may leave room for fewer
+    blocks; without them, a superset."""
     if cfg.federation.mode != "sfl":
         return None
-    fleet = Fleet(cfg, model_config)
+    fleet = Fleet(cfg, model_config, samples)
     deepest = fleet.limits[cid] if cfg.split.cut_policy == "adaptive" else fleet.cuts[cid]
     return list(range(deepest)) + list(range(fleet.num_layers - fleet.tail, fleet.num_layers))
 

@@ -62,13 +62,13 @@ class Fleet:
             blocks = client_memory_bytes(self.clock.arch, 1 + self.tail, batch_tokens, self.cfg.model.lora.rank,
                                          self.targets)
             if state and state + blocks > d.memory_bytes:
+                hint = "set compression.temporal.store: disk (mirrors and copies on flash; summaries and prompt " \
+                    "prefixes stay in memory), or " if self.cfg.compression.temporal.store == "memory" else ""
                 raise UserError(
                     f"client {cid}'s device {d.name!r} has {_gib(d.memory_bytes)} for training, but the stream state "
-                    f"it would keep in memory for its training samples (temporal reuse's DELTA mirror and copies, "
-                    f"prompt prefixes: up to {_gib(state)}) and its blocks ({_gib(blocks)}) do not fit: set "
-                    f"compression.temporal.store: disk (mirrors and copies on flash; prompt prefixes stay in memory), or "
-                    f"give it fewer samples",
-                    where=WHERE)
+                    f"it would keep in memory for its training samples (summaries, temporal reuse's DELTA mirror and "
+                    f"copies, prompt prefixes: up to {_gib(state)}) and its blocks ({_gib(blocks)}) do not fit: "
+                    f"{hint}give it fewer samples", where=WHERE)
 
     def _check_full_model(self, model_config, batch_tokens: int) -> None:
         """Federated LoRA: every device must hold the whole model and its LoRA training state."""
