@@ -146,3 +146,23 @@ def test_client_stream_state_counts_against_its_device(tmp_path):
         Fleet(tiny_cfg(**cached, **phone), s.split.lm.config, many)
     assert err.value.where == "federation.devices"
     Fleet(tiny_cfg(**cached, **phone, **{f"{T}.store": "disk"}), s.split.lm.config, many)  # mirror on flash: fits
+
+
+def test_ushape_client_memory_counts_its_tail_head_and_logits():
+    """A U-shape client holds its tail blocks, the LM head (unless tied) and the logits with their gradient
+    beside its head blocks: the estimate counts them, and memory_fit leaves room for them."""
+    from splitcom.fleet.fleet import Fleet
+
+    s = prepare(tiny_cfg())
+    lm = s.split.lm.config
+    sfl, ushape = tiny_cfg(), tiny_cfg(**{"split.mode": "ushape", "split.tail_layers": 1})
+    a, b = Fleet(sfl, lm).memory_estimates(), Fleet(ushape, lm).memory_estimates()
+    logits = 2 * lm.vocab_size * sfl.train.batch_size * sfl.data.max_length * 4
+    assert all(y - x > logits for x, y in zip(a, b, strict=True))  # the tail block too
+    room = {"split.cut_policy": "memory_fit", "federation.devices": [
+        {"base": "laptop-cpu", "name": "small", "memory_bytes": max(Fleet(tiny_cfg(**{
+            "split.cut_policy": "memory_fit"}), lm).memory_estimates())}] * 3}
+    deep, shallow = Fleet(tiny_cfg(**room), lm), Fleet(tiny_cfg(**room, **{"split.mode": "ushape",
+                                                                            "split.tail_layers": 1}), lm)
+    assert max(shallow.cuts) < max(deep.cuts)
+    assert max(shallow.memory_estimates()) <= room["federation.devices"][0]["memory_bytes"]

@@ -42,11 +42,12 @@ class Fleet:
             self.history = [list(self.cuts)]
             self._check_full_model(model_config, batch_tokens)
             return
+        self.tail_bytes = self._tail_bytes(model_config, batch_tokens)
         self._check_state(batch_tokens)
-        # Deepest cut each device can hold beside its stream state (memory_fit raises, naming the device, if
-        # not even one block fits).
+        # Deepest cut each device can hold beside its stream state and U-shape's tail (memory_fit raises, naming
+        # the device, if not even one block fits).
         self.limits = [min(self.max_cut, memory_fit(self.clock.arch, d, batch_tokens, cfg.model.lora.rank,
-                                                    self.targets, reserve_bytes=state))
+                                                    self.targets, reserve_bytes=state + self.tail_bytes))
                        for d, state in zip(self.clock.devices, self.state_bytes, strict=True)] \
             if policy != "fixed" else [self.max_cut] * self.n
         if policy == "memory_fit":
@@ -55,12 +56,23 @@ class Fleet:
             self.cuts = [min(cfg.split.cut_layer, lim) for lim in self.limits]
         self.history: list[list[int]] = [list(self.cuts)]
 
+    def _tail_bytes(self, model_config, batch_tokens: int) -> float:
+        """What a U-shape client holds beyond its head blocks: the tail blocks (weights, LoRA state, saved
+        activations), the LM head unless tied to the embedding, and the logits with their gradient."""
+        if not self.tail:
+            return 0.0
+        arch, rank = self.clock.arch, self.cfg.model.lora.rank
+        blocks = client_memory_bytes(arch, 1 + self.tail, batch_tokens, rank, self.targets) - \
+            client_memory_bytes(arch, 1, batch_tokens, rank, self.targets)
+        head = 0.0 if getattr(model_config, "tie_word_embeddings", False) else arch.vocab * arch.hidden * 4.0
+        return blocks + head + 2.0 * arch.vocab * batch_tokens * 4.0
+
     def _check_state(self, batch_tokens: int) -> None:
         """A client's stream state grows with its data (a full tensor per sample and stream kept in memory): it
         must leave room for the shallowest cut's blocks, else the device would run out of memory mid-run."""
         for cid, (d, state) in enumerate(zip(self.clock.devices, self.state_bytes, strict=True)):
-            blocks = client_memory_bytes(self.clock.arch, 1 + self.tail, batch_tokens, self.cfg.model.lora.rank,
-                                         self.targets)
+            blocks = client_memory_bytes(self.clock.arch, 1, batch_tokens, self.cfg.model.lora.rank,
+                                         self.targets) + self.tail_bytes
             if state and state + blocks > d.memory_bytes:
                 hint = "set compression.temporal.store: disk (mirrors and copies on flash; summaries and prompt " \
                     "prefixes stay in memory), or " if self.cfg.compression.temporal.store == "memory" else ""
@@ -113,13 +125,12 @@ class Fleet:
 
     def memory_estimates(self) -> list[int]:
         """Each client's device memory by the time model: the whole model's LoRA training (FL), or its head
-        blocks (and U-shape tail) at its current cut and its stream state (SFL)."""
+        blocks at its current cut, U-shape's tail, LM head and logits, and its stream state (SFL)."""
         if self.local:
             return [int(self.full_model_bytes)] * self.n
         batch_tokens = self.cfg.train.batch_size * self.cfg.data.max_length
-        return [int(client_memory_bytes(self.clock.arch, cut + self.tail, batch_tokens, self.cfg.model.lora.rank,
-                                        self.targets)) + state for cut, state in zip(self.cuts, self.state_bytes,
-                                                                                      strict=True)]
+        return [int(client_memory_bytes(self.clock.arch, cut, batch_tokens, self.cfg.model.lora.rank, self.targets)
+                    + self.tail_bytes) + state for cut, state in zip(self.cuts, self.state_bytes, strict=True)]
 
     def state_dict(self) -> dict:
         return {"cuts": list(self.cuts), "history": self.history, "now": self.clock.now,
