@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-from splitcom.config import build_config, load_config
+from splitcom.config import build_config, config_diff, load_config
 from splitcom.federation.simulation import run
 from splitcom.runlog import CHECKPOINT
 
@@ -275,11 +275,15 @@ def main() -> int:
         cfg = build_config({}, for_row(name, common(args) + seed + args.extra) + ROWS[name])
         where = args.runs / (f"{name}@s{args.seed}" if args.seed else name)
         done = where / "summary.json"
-        same = args.resume and (where / "config.yaml").is_file() and load_config(where / "config.yaml") == cfg
+        old = load_config(where / "config.yaml") if args.resume and (where / "config.yaml").is_file() else None
+        same = old is not None and old == cfg
+        # the same row with more epochs (--epochs N) trains on from its last checkpoint
+        longer = old is not None and config_diff(old, cfg, {"logging"}) == ["train.epochs"] and \
+            cfg.train.epochs > old.train.epochs
         if same and done.is_file():
             s = json.loads(done.read_text())  # the same row already finished: reuse it
-        else:  # an unfinished row goes on from its last epoch's checkpoint
-            s = run(cfg, where, progress=False, resume=same and (where / CHECKPOINT).is_file())
+        else:  # an unfinished (or lengthened) row goes on from its last epoch's checkpoint
+            s = run(cfg, where, progress=False, resume=(same or longer) and (where / CHECKPOINT).is_file())
         if args.score > 0:
             s = {**s, **score_row(args, where)}
         results[name] = s

@@ -233,3 +233,31 @@ def test_peak_rss_is_the_process_own_not_its_parents():
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert int(child.stdout) < 150 * 2**20 < big.numel() * 4
+
+
+def test_a_finished_run_lengthened_ends_as_the_longer_run(tmp_path):
+    """`--resume --set train.epochs=3` on a finished 2-epoch run trains epoch 3 from its checkpoint and ends
+    exactly where a 3-epoch run ends (temporal reuse with DELTA mirrors, prefixes and adapter deltas carried
+    over); fewer epochs than it has finished, and a DDPG run (it observes epoch / epochs), are refused."""
+    from splitcom.errors import UserError
+
+    over = {"compression.temporal.enabled": True, "compression.temporal.threshold": 0.3,
+            "compression.temporal.refresh": "delta", "compression.prefix": True, "compression.codec": "int8",
+            "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8"}
+    full = run(tiny_cfg(**over, **{"train.epochs": 3}), tmp_path / "full", progress=False)
+    run(tiny_cfg(**over, **{"train.epochs": 2}), tmp_path / "two", progress=False)
+    with pytest.raises(UserError, match="already finished 2 epochs") as err:
+        run(tiny_cfg(**over, **{"train.epochs": 1}), tmp_path / "two", progress=False, resume=True)
+    assert err.value.where == "train.epochs"
+    longer = run(tiny_cfg(**over, **{"train.epochs": 3}), tmp_path / "two", progress=False, resume=True)
+    assert {k: v for k, v in longer.items() if k not in VOLATILE} == {k: v for k, v in full.items() if k not in VOLATILE}
+    events = lambda d: [{k: v for k, v in e.items() if k not in VOLATILE}  # noqa: E731
+                        for e in read_metrics(d / "metrics.jsonl")]
+    assert events(tmp_path / "two") == events(tmp_path / "full")
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (tmp_path / "full" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert "epochs: 3" in (tmp_path / "two" / "config.yaml").read_text()
+    ddpg = {"compression.temporal.enabled": True, "compression.temporal.controller": "ddpg", "train.epochs": 1}
+    run(tiny_cfg(**ddpg), tmp_path / "ddpg", progress=False)
+    with pytest.raises(UserError, match="DDPG"):
+        run(tiny_cfg(**{**ddpg, "train.epochs": 2}), tmp_path / "ddpg", progress=False, resume=True)

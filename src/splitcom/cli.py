@@ -34,7 +34,8 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("runs/latest"),
     progress: Annotated[bool, typer.Option(help="Live progress display.")] = True,
     resume: Annotated[bool, typer.Option("--resume", help="Go on from OUT/checkpoint.pt (written after every "
-                                         "epoch) with OUT/config.yaml.")] = False,
+                                         "epoch) with OUT/config.yaml; `--set train.epochs=N` lengthens a run "
+                                         "(finished or not) to N epochs.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start afresh in an OUT that holds a run (its files are "
                                         "overwritten).")] = False,
 ) -> None:

@@ -58,10 +58,21 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
     if not path.is_file():
         raise UserError("no checkpoint to resume from (no epoch had finished)", where=str(path))
     diff = config_diff(load_config(out / "config.yaml"), cfg, {"logging"}) if (out / "config.yaml").is_file() else []
-    if diff:
+    longer = diff == ["train.epochs"]  # more epochs: a finished run trains on (see below)
+    if diff and not longer:
         raise UserError(f"the config differs from the run's own config.yaml in {', '.join(diff)} (resume takes "
-                        "it as it is: drop those --set)", where=str(out / "config.yaml"))
+                        "it as it is: drop those --set; only train.epochs may grow)", where=str(out / "config.yaml"))
     ckpt = torch.load(path, weights_only=True)
+    if longer:
+        # No learning-rate schedule or other rule depends on the number of epochs, except DDPG's observation
+        # (progress = epoch / epochs): N epochs then M more end where an N + M epoch run ends.
+        if cfg.train.epochs < ckpt["epoch"]:
+            raise UserError(f"the run has already finished {ckpt['epoch']} epochs; train.epochs "
+                            f"{cfg.train.epochs} would undo some", where="train.epochs")
+        if cfg.federation.mode == "sfl" and cfg.compression.temporal.enabled and \
+                cfg.compression.temporal.controller == "ddpg":
+            raise UserError("a DDPG controller observes progress = epoch / train.epochs: its run cannot be "
+                            "lengthened exactly; start a longer run", where="train.epochs")
     c = cfg.compression
     if cfg.federation.mode == "sfl" and (c.temporal.enabled or c.prefix):  # checked before anything is touched
         states = [ckpt.get("server", {}), *ckpt.get("clients", [])]
@@ -76,7 +87,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(out, cfg) if resume else None
-    if ckpt is None:
+    if ckpt is None or load_config(out / "config.yaml").train.epochs != cfg.train.epochs:  # new, or lengthened
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     t0 = time.perf_counter() - (ckpt["wall_s"] if ckpt else 0.0)
     s = prepare(cfg)
