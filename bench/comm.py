@@ -276,7 +276,7 @@ def main() -> int:
         where = args.runs / (f"{name}@s{args.seed}" if args.seed else name)
         done = where / "summary.json"
         old = load_config(where / "config.yaml") if args.resume and (where / "config.yaml").is_file() else None
-        same = old is not None and old == cfg
+        same = old is not None and not config_diff(old, cfg, {"logging"})  # logging changes no byte or weight
         # the same row with more epochs (--epochs N) trains on from its last checkpoint
         longer = old is not None and config_diff(old, cfg, {"logging"}) == ["train.epochs"] and \
             cfg.train.epochs > old.train.epochs
