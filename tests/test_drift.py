@@ -67,3 +67,17 @@ def test_runs_log_drift_by_epoch_and_resume_keeps_measuring(tmp_path, monkeypatc
     simulation.run(tiny_cfg(**over), tmp_path / "cut", progress=False, resume=True)
     resumed = [e for e in read_metrics(tmp_path / "cut" / "metrics.jsonl") if e["event"] == "reuse"]
     assert resumed[2]["drift"] == events[2]["drift"]
+
+
+def test_a_run_without_the_probe_resumes_with_it(tmp_path):
+    """logging.drift is a diagnostic: a plain fp32 run checkpointed without it goes on with it (nothing to
+    restore; drift is measured from the resume on), lengthened to one more epoch, as the 3-epoch plain run ends."""
+    from splitcom.federation import simulation
+
+    plain = simulation.run(tiny_cfg(**{"train.epochs": 2}), tmp_path / "plain", progress=False)
+    longer = simulation.run(tiny_cfg(**{"train.epochs": 3, "logging.drift": "true"}), tmp_path / "plain",
+                            progress=False, resume=True)
+    full = simulation.run(tiny_cfg(**{"train.epochs": 3}), tmp_path / "full", progress=False)
+    assert longer["val_loss_by_epoch"][:2] == plain["val_loss_by_epoch"]
+    assert longer["val_loss_by_epoch"] == full["val_loss_by_epoch"]
+    assert longer["bytes_by_stream"] == full["bytes_by_stream"]

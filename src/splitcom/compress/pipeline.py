@@ -156,6 +156,11 @@ class Outgoing:
         """Whether this end keeps anything a checkpoint must carry."""
         return any(x is not None for x in (self.sender, self.mirror, self.prefix, self.drift))
 
+    @property
+    def remembers(self) -> bool:
+        """Whether it keeps what the receiver holds (summaries, mirror, prefixes): a resume needs it exactly."""
+        return any(x is not None for x in (self.sender, self.mirror, self.prefix))
+
     def cache_state(self) -> dict:
         """What this end remembers of the receiver (summaries, the DELTA mirror, prefixes), for a checkpoint;
         and the drift probe's tensors, so a resumed run measures drift across the interruption."""
@@ -313,6 +318,8 @@ def load_cache_state(out: dict, inc: dict, st: dict[str, dict], where: str) -> N
             key = f"{s.name}/{suffix}"
             if not e.caches:
                 continue  # nothing cached on this end (no reuse, DELTA or prefixes)
+            if key not in st and not getattr(e, "remembers", True):
+                continue  # only logging.drift's probe (a diagnostic, newly on): it measures from here on
             if key not in st:
                 raise UserError(f"has no caches of the {key} stream end that this config uses (written by an "
                                 "older splitcom or another config): it cannot be resumed exactly", where=where)
