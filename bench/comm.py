@@ -276,10 +276,10 @@ def main() -> int:
         where = args.runs / (f"{name}@s{args.seed}" if args.seed else name)
         done = where / "summary.json"
         old = load_config(where / "config.yaml") if args.resume and (where / "config.yaml").is_file() else None
-        same = old is not None and not config_diff(old, cfg, {"logging"})  # logging changes no byte or weight
+        diff = config_diff(old, cfg, {"logging"}) if old is not None else None  # logging changes no byte or weight
+        same = diff == []
         # the same row with more epochs (--epochs N) trains on from its last checkpoint
-        longer = old is not None and config_diff(old, cfg, {"logging"}) == ["train.epochs"] and \
-            cfg.train.epochs > old.train.epochs
+        longer = diff == ["train.epochs"] and cfg.train.epochs > old.train.epochs
         if same and done.is_file():
             s = json.loads(done.read_text())  # the same row already finished: reuse it
         else:  # an unfinished (or lengthened) row goes on from its last epoch's checkpoint

@@ -292,6 +292,11 @@ class Incoming:
     def caches(self) -> bool:
         return self.receiver is not None or self.prefixes is not None
 
+    @property
+    def remembers(self) -> bool:
+        """Whether a resume needs its caches exactly (a receiver keeps nothing diagnostic)."""
+        return self.caches
+
     def cache_state(self) -> dict:
         """The held tensors and prefix rows, for a checkpoint."""
         return {k: None if x is None else x.state() for k, x in (("receiver", self.receiver),
@@ -318,7 +323,7 @@ def load_cache_state(out: dict, inc: dict, st: dict[str, dict], where: str) -> N
             key = f"{s.name}/{suffix}"
             if not e.caches:
                 continue  # nothing cached on this end (no reuse, DELTA or prefixes)
-            if key not in st and not getattr(e, "remembers", True):
+            if key not in st and not e.remembers:
                 continue  # only logging.drift's probe (a diagnostic, newly on): it measures from here on
             if key not in st:
                 raise UserError(f"has no caches of the {key} stream end that this config uses (written by an "

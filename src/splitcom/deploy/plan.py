@@ -82,7 +82,7 @@ def client_blocks(cfg: Config, model_config, cid: int, samples: list[int] | None
 
 def client_cuts(s: Setup) -> list[int]:
     """Each client's cut, as simulation chooses it (fixed, or memory_fit on the configured devices)."""
-    return list(Fleet(s.cfg, s.split.lm.config, [len(p) for p in s.partitions]).cuts)
+    return list(Fleet.of(s).cuts)
 
 
 def forget_summaries(ends) -> None:

@@ -51,7 +51,7 @@ class ServerDriver(Coordination):
         with PREPARE_LOCK:
             self.s = prepare(cfg)
         # each client's cut: fixed, memory_fit (beside its stream state), or moved between rounds (adaptive)
-        self.fleet = Fleet(self.s.cfg, self.s.split.lm.config, [len(p) for p in self.s.partitions])
+        self.fleet = Fleet.of(self.s)
         self.server = make_server(self.s, dict(enumerate(self.fleet.cuts)),
                                   str(self.out / "cache") if cfg.compression.temporal.store == "disk" else None)
         self.batches = batches_per_client(self.s)

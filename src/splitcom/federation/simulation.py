@@ -98,7 +98,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
     sfl = cfg.federation.mode == "sfl"
     federated = sfl or cfg.federation.mode == "fl"  # fl: SFL's clients with the whole model, adapters alone travel
     if federated:
-        fleet = Fleet(s.cfg, s.split.lm.config, [len(p) for p in s.partitions])  # devices, per-client cuts (fl: every block), simulated clock
+        fleet = Fleet.of(s)  # devices, per-client cuts (fl: every block), simulated clock
         server, workers = build_sfl(s, counter, str(out / "cache") if cfg.compression.temporal.store == "disk"
                                     else None, dict(enumerate(fleet.cuts)))
         for c in workers:

@@ -56,6 +56,11 @@ class Fleet:
             self.cuts = [min(cfg.split.cut_layer, lim) for lim in self.limits]
         self.history: list[list[int]] = [list(self.cuts)]
 
+    @classmethod
+    def of(cls, s) -> Fleet:
+        """The fleet of a prepared run (federation/setup.py ``Setup``), with each client's training samples."""
+        return cls(s.cfg, s.split.lm.config, [len(p) for p in s.partitions])
+
     def _tail_bytes(self, model_config, batch_tokens: int) -> float:
         """What a U-shape client holds beyond its head blocks: the tail blocks (weights, LoRA state, saved
         activations), the LM head unless tied to the embedding, and the logits with their gradient."""
@@ -70,9 +75,9 @@ class Fleet:
     def _check_state(self, batch_tokens: int) -> None:
         """A client's stream state grows with its data (a full tensor per sample and stream kept in memory): it
         must leave room for the shallowest cut's blocks, else the device would run out of memory mid-run."""
+        blocks = client_memory_bytes(self.clock.arch, 1, batch_tokens, self.cfg.model.lora.rank,
+                                     self.targets) + self.tail_bytes
         for cid, (d, state) in enumerate(zip(self.clock.devices, self.state_bytes, strict=True)):
-            blocks = client_memory_bytes(self.clock.arch, 1, batch_tokens, self.cfg.model.lora.rank,
-                                         self.targets) + self.tail_bytes
             if state and state + blocks > d.memory_bytes:
                 hint = "set compression.temporal.store: disk (mirrors and copies on flash; summaries and prompt " \
                     "prefixes stay in memory), or " if self.cfg.compression.temporal.store == "memory" else ""

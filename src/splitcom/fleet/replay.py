@@ -41,7 +41,7 @@ def replay(out: str | Path, devices: str | list[str] | None = None, server_devic
     rounds = {e["epoch"]: e for e in events if e["event"] == "round"}
     evals = {e["epoch"]: e for e in events if e["event"] == "eval"}
     s = prepare(cfg)
-    fleet = Fleet(s.cfg, s.split.lm.config, [len(p) for p in s.partitions])
+    fleet = Fleet.of(s)
     t = cfg.train
     samples = [[s.train[i] for i in s.partitions[c]] for c in range(fleet.n)]
     # the clients' join messages count in their first step's traffic; the log has only their sum (the
