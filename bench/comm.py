@@ -98,6 +98,11 @@ ROWS: dict[str, list[str]] = {
     # LoRA's adapter exchange (issue 21)
     "all+grad-int4": [*ALL, "compression.grad_codec=int4"],
     "all+int2": [*ALL, f"{T}.delta_codec=int2", "compression.adapter_delta_codec=int2"],
+    # cheaper refreshes for long runs (issue 18): act_up DELTAs at 2 bits, or at 1 bit (sign and mean |x| per
+    # token) with each token's 4 largest values exact; the sender's DELTA mirror carries the rounding error
+    # into the next refresh (error feedback)
+    "all+delta-int2": [*ALL, f"{T}.delta_codec=int2"],
+    "all+delta-sign1o": [*ALL, f"{T}.delta_codec=sign1o"],
     # the threshold and the refresh codec trade the refresh waves of long runs against staleness
     "all@0.995+int2": [f"{T}.enabled=true", f"{T}.threshold=0.995", "compression.codec=int8", f"{T}.refresh=delta",
                        f"{T}.delta_codec=int2", "compression.prefix=true", "compression.entropy=zstd",
@@ -228,6 +233,38 @@ def reference_rows(args) -> dict:
     return rows
 
 
+# what a fork may change (--fork-from): codecs only; the thresholds and controller state come from the checkpoint
+FORKABLE = ("compression.codec", "compression.grad_codec", "compression.temporal.delta_codec",
+            "compression.adapter_delta_codec", "train.epochs")
+
+
+def fork(parent: Path, cfg, where: Path) -> None:
+    """Start the row's run as a copy of ``parent``'s (a row of this script, stopped or finished after some
+    epochs) with the row's config: its epochs become the row's first ones, the later ones use the row's
+    codecs. A study of late epochs that saves re-running the early ones, not the row from scratch: FORK.json
+    in the run says where it came from. Does nothing where the row's run already exists (it resumes)."""
+    import shutil
+
+    import torch
+
+    from splitcom.config import dump_config
+
+    if (where / "config.yaml").is_file():
+        return
+    if not (parent / CHECKPOINT).is_file() or not (parent / "config.yaml").is_file():
+        sys.exit(f"{parent}: no {CHECKPOINT} and config.yaml to fork from (--fork-from)")
+    changed = config_diff(load_config(parent / "config.yaml"), cfg, {"logging"})
+    if bad := [k for k in changed if not k.startswith(FORKABLE)]:
+        sys.exit(f"{parent / 'config.yaml'}: a fork may change only {', '.join(FORKABLE)}; this row also "
+                 f"changes {', '.join(bad)} (--fork-from)")
+    epoch = torch.load(parent / CHECKPOINT, weights_only=True, mmap=True)["epoch"]
+    if cfg.train.epochs <= epoch:
+        sys.exit(f"{parent}: already {epoch} epochs; --epochs {cfg.train.epochs} leaves nothing to fork (--fork-from)")
+    shutil.copytree(parent, where, ignore=shutil.ignore_patterns("summary.json", "eval", "tensorboard"))
+    (where / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (where / "FORK.json").write_text(json.dumps({"from": str(parent), "epoch": epoch, "changed": changed}, indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -259,6 +296,10 @@ def main() -> int:
     ap.add_argument("--reference", type=Path, action="append", default=[], metavar="COMM_JSON",
                     help="rows of an earlier run of this script with the same settings (its comm.json) to report "
                          "beside these, e.g. the fp32 baselines of a long run (repeatable)")
+    ap.add_argument("--fork-from", type=Path, default=None, metavar="RUN",
+                    help="start each new row from the last checkpoint of RUN (another row's run folder) and train "
+                         "it on to --epochs with the row's codecs: the late epochs of a long run without its "
+                         "early ones (FORK.json in the row's run records it; only codecs may differ)")
     args = ap.parse_args()
     root, probe = DATASETS[args.dataset]
     if not (root / probe).exists():
@@ -275,6 +316,8 @@ def main() -> int:
         cfg = build_config({}, for_row(name, common(args) + seed + args.extra) + ROWS[name])
         where = args.runs / (f"{name}@s{args.seed}" if args.seed else name)
         done = where / "summary.json"
+        if args.fork_from is not None:
+            fork(args.fork_from, cfg, where)
         old = load_config(where / "config.yaml") if args.resume and (where / "config.yaml").is_file() else None
         diff = config_diff(old, cfg, {"logging"}) if old is not None else None  # logging changes no byte or weight
         same = diff == []
@@ -286,6 +329,8 @@ def main() -> int:
             s = run(cfg, where, progress=False, resume=(same or longer) and (where / CHECKPOINT).is_file())
         if args.score > 0:
             s = {**s, **score_row(args, where)}
+        if (where / "FORK.json").is_file():
+            s = {**s, "forked_from": json.loads((where / "FORK.json").read_text())}
         results[name] = s
         if "bleu" in s:
             meteor = "-" if s["meteor"] is None else f"{s['meteor']:.4f}"

@@ -82,6 +82,8 @@ FINGERPRINTS = {
     "fl+int8-delta-zstd": None,
     "all+grad-int4": "c2c35bb4ce6eb65c",
     "bangbang-budget+all": "7b9c7769099a91b6",
+    "all+delta-int2": "c27af97ccb450fc3",
+    "all+delta-sign1o": "eab7e60d1e302408",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
