@@ -295,11 +295,11 @@ def test_fl_server_resume_equals_uninterrupted_run(procs, tmp_path):
     ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2, "compression.adapter_refresh": "delta"}, "adaptive"),
     ({"federation.mode": "fl"}, "fl"),
     ({"federation.mode": "fl", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
-      "compression.entropy": "zstd", "federation.aggregate_every": "epoch"}, "fl"),
+      "compression.entropy": "zstd", "federation.aggregate_every": "epoch", "train.lr_schedule": "cosine"}, "fl"),
     ({"compression.temporal.enabled": True, "train.epochs": 3, "compression.temporal.refresh": "delta",
       "compression.temporal.threshold": {"act_up": 0.999}, "compression.prefix": True, "compression.entropy": "zstd",
-      "compression.codec": "int8", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8"},
-     "delta"),
+      "compression.codec": "int8", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
+      "train.lr_schedule": "linear", "train.warmup_steps": 2}, "delta"),
 ])
 def test_in_process_deployment(tmp_path, over, exact):
     """Server and clients as threads of this process, over gRPC loopback. With temporal reuse and a
@@ -307,8 +307,10 @@ def test_in_process_deployment(tmp_path, over, exact):
     client's sender switches levels sample by sample) round_robin still matches simulation exactly; so does U-shape with reuse on all four streams, int8 and a cut rank (two
     exchanges per step, the client keeps its turn between), and adaptive cuts that move between rounds;
     a dynamic schedule trains too (its order depends on timing); so does residual refresh with shared
-    prompt prefixes and zstd. Federated LoRA (fl) deploys too: each client trains the whole model between
-    its uploads, the server sends no activations, and the run ends as `splitcom run` ends."""
+    prompt prefixes and zstd, under a warmed-up linear learning-rate decay (every end sets the rate of the
+    message's global step). Federated LoRA (fl) deploys too: each client trains the whole model between
+    its uploads (under a cosine decay in one case), the server sends no activations, and the run ends as
+    `splitcom run` ends."""
     tree = _setup(tmp_path)
     for key, value in over.items():
         node = tree

@@ -35,7 +35,7 @@ def test_one_client_fl_equals_centralized():
     central = CentralizedTrainer(b.split.model, b.bank, b.train, lr=cfg.train.lr, batch_size=cfg.train.batch_size,
                                  pad_id=b.pad_id)
     for step, batch in enumerate(client.epoch_batches(1)[:4]):
-        assert client.train_step(batch, step) == central.train_step(batch)
+        assert client.train_step(batch, step) == central.train_step(batch, step)
     got, ref = a.bank.state("c0", range(a.split.num_layers)), b.bank.state(GLOBAL)
     assert got.keys() == ref.keys()
     assert all(torch.equal(got[k], ref[k]) for k in ref)

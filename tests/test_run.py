@@ -79,7 +79,7 @@ def test_one_client_sfl_equals_centralized(server_adapters):
     central = CentralizedTrainer(b.split.model, b.bank, b.train, lr=cfg.train.lr, batch_size=cfg.train.batch_size,
                                  pad_id=b.pad_id)
     for step, batch in enumerate(client.epoch_batches(1)[:4]):
-        l1, l2 = client.train_step(batch, step), central.train_step(batch)
+        l1, l2 = client.train_step(batch, step), central.train_step(batch, step)
         assert abs(l1 - l2) < 1e-5
     got = a.bank.state("c0", range(cfg.split.cut_layer))
     got.update(a.bank.state(server.body_adapter(0), range(cfg.split.cut_layer, a.split.num_layers)))
@@ -137,6 +137,9 @@ VOLATILE = {"wall_s", "peak_rss_bytes"}
     ({"federation.mode": "fl", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
       "compression.entropy": "zstd", "federation.aggregate_every": 1}, True),
     ({"privacy.noise": 0.5, "compression.codec": "int8"}, True),  # the noise goes on with the same draws
+    # a decaying learning rate goes on from the checkpoint's global step (the schedule keeps no other state)
+    ({"train.lr_schedule": "linear", "train.warmup_steps": 2, "compression.temporal.enabled": True,
+      "compression.temporal.threshold": 0.3}, True),
     ({"split.mode": "ushape", "split.tail_layers": 1, "compression.temporal.enabled": True,
       "compression.temporal.threshold": 0.3, "compression.temporal.refresh": "delta",
       "compression.temporal.store": "disk", "compression.temporal.streams": ["act_up", "act_down", "grad_up",

@@ -44,7 +44,7 @@ def test_one_client_ushape_equals_centralized(name):
     central = CentralizedTrainer(b.split.model, b.bank, b.train, lr=cfg.train.lr, batch_size=cfg.train.batch_size,
                                  pad_id=b.pad_id)
     for step, batch in enumerate(client.epoch_batches(1)[:3]):
-        assert abs(client.train_step(batch, step) - central.train_step(batch)) < 1e-5
+        assert abs(client.train_step(batch, step) - central.train_step(batch, step)) < 1e-5
     got = a.bank.state("c0", client.layers)
     got.update(a.bank.state(server.body_adapter(0), server.server_layers(0)))
     ref = b.bank.state(GLOBAL)

@@ -7,6 +7,7 @@ import random
 import torch
 
 from splitcom.data.tokenize import Batch, Sample, collate
+from splitcom.federation.schedule import LRSchedule
 from splitcom.models.adapters import GLOBAL, AdapterBank
 from splitcom.models.split import causal_lm_loss
 
@@ -14,8 +15,8 @@ from splitcom.models.split import causal_lm_loss
 class CentralizedTrainer:
     def __init__(self, model: torch.nn.Module, bank: AdapterBank, samples: list[Sample], *, lr: float,
                  weight_decay: float = 0.0, batch_size: int = 8, pad_id: int = 0, seed: int = 0,
-                 device: torch.device | str = "cpu"):
-        self.model, self.bank, self.samples = model, bank, list(samples)
+                 device: torch.device | str = "cpu", schedule: LRSchedule | None = None):
+        self.model, self.bank, self.samples, self.schedule = model, bank, list(samples), schedule
         self.batch_size, self.pad_id, self.seed, self.device = batch_size, pad_id, seed, torch.device(device)
         n = bank.model.base_model.model.config.num_hidden_layers
         bank.activate(GLOBAL, range(n))
@@ -27,8 +28,11 @@ class CentralizedTrainer:
         random.Random(f"{self.seed}/{epoch}/central").shuffle(order)
         return [collate(order[i : i + self.batch_size], self.pad_id) for i in range(0, len(order), self.batch_size)]
 
-    def train_step(self, batch: Batch) -> float:
+    def train_step(self, batch: Batch, step: int) -> float:
+        """One step on ``batch``; ``step``: the global step (the learning-rate schedule's clock)."""
         self.tokens_forwarded += batch.num_tokens
+        if self.schedule is not None:
+            self.schedule.apply(self.optimizer, step)
         return local_step(self.model, self.optimizer, batch, self.device)
 
 

@@ -16,6 +16,7 @@ from splitcom.compress.pipeline import cache_state, end_counts, load_cache_state
 from splitcom.compress.plan import SidePlan
 from splitcom.data.tokenize import IGNORE, Batch, Sample, collate
 from splitcom.errors import ProtocolError
+from splitcom.federation.schedule import LRSchedule
 from splitcom.models.adapters import AdapterBank, adapter_optimizer, rank_caps
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, Stream
@@ -39,8 +40,9 @@ class SplitClient:
     def __init__(self, cid: int, split: SplitModel, bank: AdapterBank, cut: int, channel: Channel,
                  samples: list[Sample], plan: SidePlan, *, lr: float, weight_decay: float = 0.0, batch_size: int = 8,
                  pad_id: int = 0, seed: int = 0, device: torch.device | str = "cpu", tail_layers: int = 0,
-                 cut_rank: int | None = None):
-        """``plan``: the client side's stream plan (compress/plan.py); ``tail_layers``: U-shape's client tail."""
+                 cut_rank: int | None = None, schedule: LRSchedule | None = None):
+        """``plan``: the client side's stream plan (compress/plan.py); ``tail_layers``: U-shape's client tail;
+        ``schedule``: the rate by global step (None: ``lr`` throughout)."""
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.device = torch.device(device)
@@ -51,7 +53,7 @@ class SplitClient:
         self.adapter = f"c{cid}"
         if self.adapter not in bank.names:
             bank.add_copy(self.adapter)
-        self.lr, self.weight_decay, self.cut_rank, self.plan = lr, weight_decay, cut_rank, plan
+        self.lr, self.weight_decay, self.cut_rank, self.plan, self.schedule = lr, weight_decay, cut_rank, plan, schedule
         self.set_cut(cut)
         self.out, self.inc = stream_ends(plan, split.hidden_size)
         # adapter deltas: the adapter state this client holds as the server knows it (compress/adapter_delta.py)
@@ -133,6 +135,8 @@ class SplitClient:
         rows = [torch.zeros(n, self.split.hidden_size) if g is None else g for g, n in zip(grads, lengths,
                                                                                            strict=True)]
         h.backward(pad(rows, h.shape[1]).to(self.device))  # SKIP rows: no gradient for a reused activation
+        if self.schedule is not None:
+            self.schedule.apply(self.optimizer, step)
         self.optimizer.step()
         return loss
 

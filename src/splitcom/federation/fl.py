@@ -23,4 +23,6 @@ class FLClient(SplitClient):
         """One local LoRA step on blocks [0, L) + norm + LM head (``step`` only numbers SFL's messages)."""
         self.bank.activate(self.adapter, self.layers)
         self.tokens_forwarded += batch.num_tokens
+        if self.schedule is not None:
+            self.schedule.apply(self.optimizer, step)
         return local_step(self.split.model, self.optimizer, batch, self.device)

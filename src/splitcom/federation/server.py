@@ -27,6 +27,7 @@ from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.aggregate import fedavg, split_by_layer
+from splitcom.federation.schedule import LRSchedule
 from splitcom.models.adapters import GLOBAL, SLOT, AdapterBank, adapter_optimizer, rank_caps, truncate_ranks
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol import serde
@@ -51,9 +52,10 @@ class SplitServer:
     def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], plan: SidePlan, *, lr: float,
                  weight_decay: float = 0.0, server_adapters: str = "per_client", device: torch.device | str = "cpu",
                  tail_layers: int = 0, cache_dir: str | None = None, weights: dict[int, float] | None = None,
-                 cut_rank: int | None = None):
-        """``plan``: the server side's stream plan (compress/plan.py); ``cache_dir``: where disk stores go."""
-        self.split, self.bank, self.cuts, self.plan = split, bank, dict(cuts), plan
+                 cut_rank: int | None = None, schedule: LRSchedule | None = None):
+        """``plan``: the server side's stream plan (compress/plan.py); ``cache_dir``: where disk stores go;
+        ``schedule``: the rate by the global step of each message (None: ``lr`` throughout)."""
+        self.split, self.bank, self.cuts, self.plan, self.schedule = split, bank, dict(cuts), plan, schedule
         self.cut_rank = None if server_adapters == "shared" else cut_rank  # (prepare refuses shared + cut rank)
         self.mode, self.device = server_adapters, torch.device(device)
         # FedAvg weights the server knows (sample counts); a client's claim must match, or one client
@@ -274,6 +276,8 @@ class SplitServer:
         opt.zero_grad(set_to_none=True)
         loss = causal_lm_loss(split.body(h, lengths, self.cuts[cid]), labels)
         loss.backward()
+        if self.schedule is not None:
+            self.schedule.apply(opt, msg.step)
         opt.step()
         sids = [s.sample_id for s in msg.samples]
         return self._grad_down(cid, msg.step, h, lengths, sids, reused, float(loss.item()))
@@ -306,6 +310,8 @@ class SplitServer:
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         out.backward(pad(grads, out.shape[1]).to(self.device))
+        if self.schedule is not None:
+            self.schedule.apply(opt, step)
         opt.step()
         return self._grad_down(cid, step, h, lengths, sids, reused, msg.scalar)
 

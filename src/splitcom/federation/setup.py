@@ -3,6 +3,7 @@ a run's server and clients with their sides' stream plans (shared by simulation 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from splitcom.data.tokenize import Sample, tokenize
 from splitcom.errors import UserError
 from splitcom.federation.client import SplitClient
 from splitcom.federation.fl import FLClient
+from splitcom.federation.schedule import LRSchedule, lr_schedule
 from splitcom.federation.server import SplitServer
 from splitcom.models.adapters import AdapterBank, attach_lora
 from splitcom.models.hold import hold_only, prefix_length
@@ -118,6 +120,12 @@ def prepare(cfg: Config, blocks: Callable[[object], Collection[int] | None] | No
                  device)
 
 
+def schedule_of(s: Setup) -> LRSchedule | None:
+    """The run's learning-rate schedule (federation/schedule.py); an epoch has as many global steps as the
+    largest client has batches (the centralized baseline: one client with every sample)."""
+    return lr_schedule(s.cfg.train, max(math.ceil(len(p) / s.cfg.train.batch_size) for p in s.partitions))
+
+
 def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
                 weights: dict[int, float] | None = None) -> SplitServer:
     """The server of a run, as simulation and deployment both build it."""
@@ -125,7 +133,7 @@ def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
     return SplitServer(s.split, s.bank, cuts, stream_plan(cfg, "server"), lr=cfg.train.lr,
                        weight_decay=cfg.train.weight_decay, server_adapters=cfg.federation.server_adapters,
                        device=s.device, tail_layers=tail_layers(cfg), cache_dir=cache_dir, weights=weights,
-                       cut_rank=cfg.model.lora.cut_rank)
+                       cut_rank=cfg.model.lora.cut_rank, schedule=schedule_of(s))
 
 
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
@@ -136,6 +144,6 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
     client = kind(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
                   stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
                   pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
-                  cut_rank=cfg.model.lora.cut_rank)
+                  cut_rank=cfg.model.lora.cut_rank, schedule=schedule_of(s))
     client.noise = act_noise(cfg.privacy, t.seed, cid)  # the privacy defence on act_up (compress/noise.py)
     return client

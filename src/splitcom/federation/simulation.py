@@ -26,7 +26,7 @@ from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.client import SplitClient
 from splitcom.federation.reuse import ReuseControl
 from splitcom.federation.server import SplitServer
-from splitcom.federation.setup import Setup, make_client, make_server, prepare, tail_layers
+from splitcom.federation.setup import Setup, make_client, make_server, prepare, schedule_of, tail_layers
 from splitcom.fleet.fleet import Fleet
 from splitcom.models.adapters import GLOBAL
 from splitcom.runlog import CHECKPOINT, RunLog, atomic_save, peak_rss_bytes, write_json
@@ -64,7 +64,7 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
                         "it as it is: drop those --set; only train.epochs may grow)", where=str(out / "config.yaml"))
     ckpt = torch.load(path, weights_only=True)
     if longer:
-        # No learning-rate schedule or other rule depends on the number of epochs, except DDPG's observation
+        # With a constant rate no rule depends on the number of epochs, except DDPG's observation
         # (progress = epoch / epochs): N epochs then M more end where an N + M epoch run ends.
         if cfg.train.epochs < ckpt["epoch"]:
             raise UserError(f"the run has already finished {ckpt['epoch']} epochs; train.epochs "
@@ -73,6 +73,10 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
                 cfg.compression.temporal.controller == "ddpg":
             raise UserError("a DDPG controller observes progress = epoch / train.epochs: its run cannot be "
                             "lengthened exactly; start a longer run", where="train.epochs")
+        if cfg.train.lr_schedule != "constant":
+            raise UserError(f"train.lr_schedule {cfg.train.lr_schedule} decays to 0 at the last step of "
+                            "train.epochs: its run cannot be lengthened exactly; start a longer run",
+                            where="train.epochs")
     c = cfg.compression
     if cfg.federation.mode == "sfl" and (c.temporal.enabled or c.prefix):  # checked before anything is touched
         states = [ckpt.get("server", {}), *ckpt.get("clients", [])]
@@ -112,7 +116,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
     else:
         workers = [CentralizedTrainer(s.split.model, s.bank, s.train, lr=cfg.train.lr,
                                       weight_decay=cfg.train.weight_decay, batch_size=cfg.train.batch_size,
-                                      pad_id=s.pad_id, seed=cfg.train.seed, device=s.device)]
+                                      pad_id=s.pad_id, seed=cfg.train.seed, device=s.device,
+                                      schedule=schedule_of(s))]
 
     def validate(epoch: int) -> tuple[float, float]:
         """Val loss of the global adapter; the epoch's `eval` event waits for its checkpoint (RunLog.defer)."""
@@ -208,7 +213,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
                 for w, plan in zip(workers, batches, strict=True):
                     if step >= len(plan):
                         continue  # this client has fewer samples; it waits for the round
-                    loss = w.train_step(plan[step], global_step) if federated else w.train_step(plan[step])
+                    loss = w.train_step(plan[step], global_step)
                     losses.append(loss)
                     cid = getattr(w, "cid", 0)
                     round_losses.setdefault(cid, []).append(loss)
