@@ -109,6 +109,10 @@ ROWS: dict[str, list[str]] = {
                        "compression.adapter_codec=int8"],
     "all@0.99": [f"{T}.enabled=true", f"{T}.threshold=0.99", "compression.codec=int8", f"{T}.refresh=delta",
                  "compression.prefix=true", "compression.entropy=zstd", "compression.adapter_codec=int8"],
+    # the rate decaying linearly to 0 over the run (train.lr_schedule), as LoRA recipes for E2E train: late
+    # epochs move the activations less, so reuse can hold
+    "baseline+linear": ["train.lr_schedule=linear"],
+    "all+linear": [*ALL, "train.lr_schedule=linear"],
     "bangbang+all": [*ALL, f"{T}.controller=bangbang", f"{T}.bangbang.aggressive=0.99",
                      f"{T}.bangbang.conservative=0.9999"],
     # bang-bang on a byte budget (issue 18 item 5): repeat sightings may cost 10 % of their int8 FULL bytes;

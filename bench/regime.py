@@ -133,7 +133,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
     from splitcom.report.tables import fmt_bytes
 
     E = args.epoch
-    base = runs.get("baseline", [])
+    base = runs.get(args.base, [])
     mb = lambda n: f"{n / 1e6:,.1f}"  # noqa: E731
     ab = lambda r: r["eval"]["bytes_by_stream"].get("act_up", 0)  # noqa: E731
     tot = lambda r: r["eval"]["bytes_up"] + r["eval"]["bytes_down"]  # noqa: E731
@@ -152,7 +152,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
              f"smollm2-135m, cut 2, lr 5e-4, batch 8, max length 64, FedAvg every epoch. val ppl on the same 200 dev "
              f"samples for every row; BLEU etc. on the first {args.score} distinct E2E dev inputs (beam {args.beams}). "
              "Several seeds (`ROW@sN`: train.seed N on the same data, dev set and clients): the mean, and the spread "
-             "(max - min) in brackets. *less* is against fp32 SFL (`baseline`).", "",
+             f"(max - min) in brackets. *less* is against fp32 SFL (`{args.base}`).", "",
              "## Bytes and quality", "",
              "| row | seeds | act_up MB | act_up less | total MB | total less | per client per round | val ppl | "
              "Δppl | BLEU | ΔBLEU | NIST | METEOR | ROUGE_L | CIDEr |",
@@ -168,8 +168,8 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         sp = lambda xs, f: "" if len(xs) < 2 else f" ({_spread(xs):{f}})"  # noqa: E731
         gen = lambda k, f, rs=rs: (lambda v: "-" if not v else format(_mean(v), f))(  # noqa: E731
             [r["scores"][k] for r in rs if r["scores"].get(k) is not None])
-        dppl = f"{100 * (_mean(p) / b_ppl - 1):+.2f} %" if base and name != "baseline" else "-"
-        dbleu = f"{_mean(bl) - b_bleu:+.4f}" if bl and b_bleu is not None and name != "baseline" else "-"
+        dppl = f"{100 * (_mean(p) / b_ppl - 1):+.2f} %" if base and name != args.base else "-"
+        dbleu = f"{_mean(bl) - b_bleu:+.4f}" if bl and b_bleu is not None and name != args.base else "-"
         lines.append(
             f"| {name} | {len(rs)} | {mb(a) if fed else '-'} | {_red(a, b_act) if fed else '-'} | "
             f"{mb(t) if fed else '-'} | {_red(t, b_tot) if fed else '-'} | {fmt_bytes(per) if fed else '-'} | "
@@ -238,6 +238,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         mem = next(iter(rs[0]["fleets"].values()))[-1].get("memory_estimate_bytes") or \
             rs[0]["summary"].get("client_memory_estimate_bytes")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt_bytes(max(mem)) if mem else '-'} |")
+    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "regime.md"
     notes = out.with_suffix(".notes.md")
     extra = ["", notes.read_text()] if notes.is_file() else []
@@ -248,8 +249,8 @@ def _red(value: float, base: float) -> str:
     return f"{100 * (1 - value / base):.2f} %" if base else "-"
 
 
-ORDER = ["centralized", "baseline", "shared", "temporal+int8", "all", "all+channel", "all+int4o", "all+grad-int4",
-         "bangbang+all", "bangbang-budget+all", "ddpg+all", "ushape", "ushape+codec-map", "fl", "fl+int8-delta-zstd"]
+ORDER = ["centralized", "baseline", "baseline+linear", "shared", "temporal+int8", "all", "all+channel", "all+int4o",
+         "all+grad-int4", "all+linear", "bangbang+all", "bangbang-budget+all", "ddpg+all", "ushape", "ushape+codec-map", "fl", "fl+int8-delta-zstd"]
 E2E_TRAIN = 42_061  # rows of E2E's trainset.csv: a client's share of the full set is E2E_TRAIN / clients
 
 
@@ -258,6 +259,8 @@ def main() -> int:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "regime")
     ap.add_argument("--rows", nargs="+", default=None, help="run directories under --runs (default: all)")
     ap.add_argument("--epoch", type=int, default=2, help="the epoch every row is compared at")
+    ap.add_argument("--base", default="baseline", help="the fp32 SFL row every other row is compared with "
+                    "(e.g. baseline+linear for rows trained under train.lr_schedule=linear)")
     ap.add_argument("--score", type=int, default=100)
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--watch", action="store_true", help="poll until every row has finished and is scored")

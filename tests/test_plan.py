@@ -84,6 +84,8 @@ FINGERPRINTS = {
     "bangbang-budget+all": "7b9c7769099a91b6",
     "all+delta-int2": "c27af97ccb450fc3",
     "all+delta-sign1o": "eab7e60d1e302408",
+    "baseline+linear": "400027e4a86bc867",  # the rate schedule is not a stream knob
+    "all+linear": "a58b3eeefd2efddc",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
