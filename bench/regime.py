@@ -155,8 +155,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
              f"(max - min) in brackets. *less* is against fp32 SFL (`{args.base}`).", "",
              "## Bytes and quality", "",
              "| row | seeds | act_up MB | act_up less | total MB | total less | per client per round | val ppl | "
-             "Δppl | BLEU | ΔBLEU | NIST | METEOR | ROUGE_L | CIDEr |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "Δppl | BLEU | ΔBLEU | paired Δppl / ΔBLEU | NIST | METEOR | ROUGE_L | CIDEr |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    by_seed = {r["cfg"].train.seed: r for r in base}
     for name, rs in runs.items():
         if not rs:
             continue
@@ -170,17 +171,23 @@ def report(args, runs: dict[str, list[dict]]) -> None:
             [r["scores"][k] for r in rs if r["scores"].get(k) is not None])
         dppl = f"{100 * (_mean(p) / b_ppl - 1):+.2f} %" if base and name != args.base else "-"
         dbleu = f"{_mean(bl) - b_bleu:+.4f}" if bl and b_bleu is not None and name != args.base else "-"
+        # each seed against fp32 SFL of the same seed (same LoRA init and batch order): less noisy than the means
+        pairs = [(r, by_seed[r["cfg"].train.seed]) for r in rs if r["cfg"].train.seed in by_seed]
+        pp = [100 * (ppl(r) / ppl(b) - 1) for r, b in pairs]
+        pb = [bleu(r) - bleu(b) for r, b in pairs if bleu(r) is not None and bleu(b) is not None]
+        paired = (f"{_mean(pp):+.2f} % / {_mean(pb):+.4f} ({len(pb)})" if pp and pb and name != args.base else "-")
         lines.append(
             f"| {name} | {len(rs)} | {mb(a) if fed else '-'} | {_red(a, b_act) if fed else '-'} | "
             f"{mb(t) if fed else '-'} | {_red(t, b_tot) if fed else '-'} | {fmt_bytes(per) if fed else '-'} | "
             f"{_mean(p):.3f}{sp(p, '.3f')} | {dppl} | {format(_mean(bl), '.4f') + sp(bl, '.4f') if bl else '-'} | "
-            f"{dbleu} | {gen('NIST', '.3f')} | {gen('METEOR', '.4f')} | {gen('ROUGE_L', '.4f')} | "
+            f"{dbleu} | {paired} | {gen('NIST', '.3f')} | {gen('METEOR', '.4f')} | {gen('ROUGE_L', '.4f')} | "
             f"{gen('CIDEr', '.3f')} |")
     bleu_spread = f"BLEU {spread_bleu:.4f}" if len(b_bleus) > 1 else f"BLEU of {len(b_bleus)} seed scored so far"
     spread = (f"val ppl {spread_ppl:.3f} ({100 * spread_ppl / b_ppl:.2f} %), {bleu_spread} ({len(base)} seeds)"
               if len(base) > 1 else "not measured yet (one seed finished)")
     lines += ["", f"fp32 SFL seed-to-seed spread: {spread}. A row's difference from fp32 SFL counts as no quality "
-              "loss only where it is within that spread.", "",
+              "loss only where it is within that spread. *paired*: the mean over a row's seeds of its difference "
+              "from fp32 SFL of the same seed (same LoRA init and batch order; in brackets, how many seeds).", "",
               "## What reuse does: reuse by epoch, samples sent, true drift between sightings", "",
               "Drift is 1 - cos of the act_up tensor itself between a sample's sightings in consecutive epochs "
               "(`logging.drift`, compress/drift.py): median / p90; *per channel*: the same with every channel "
