@@ -264,9 +264,18 @@ def fork(parent: Path, cfg, where: Path) -> None:
     epoch = torch.load(parent / CHECKPOINT, weights_only=True, mmap=True)["epoch"]
     if cfg.train.epochs <= epoch:
         sys.exit(f"{parent}: already {epoch} epochs; --epochs {cfg.train.epochs} leaves nothing to fork (--fork-from)")
-    shutil.copytree(parent, where, ignore=shutil.ignore_patterns("summary.json", "eval", "tensorboard"))
-    (where / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    (where / "FORK.json").write_text(json.dumps({"from": str(parent), "epoch": epoch, "changed": changed}, indent=1))
+    t = cfg.compression.temporal
+    if "train.epochs" in changed and (cfg.train.lr_schedule != "constant" or (t.enabled and t.controller == "ddpg")):
+        sys.exit(f"{parent}: a run with a decaying train.lr_schedule or a DDPG controller cannot be trained on to "
+                 "more epochs exactly, as `splitcom run --resume` refuses (--fork-from)")
+    tmp = where.with_name(f".{where.name}.fork")  # whole or not at all: a half copy is never taken for the row
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(parent, tmp, ignore=shutil.ignore_patterns("summary.json", "eval", "tensorboard"))
+    (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (tmp / "FORK.json").write_text(json.dumps({"from": str(parent), "epoch": epoch, "changed": changed}, indent=1))
+    if where.exists():  # a row folder without config.yaml: nothing in it to keep
+        shutil.rmtree(where)
+    tmp.rename(where)
 
 
 def main() -> int:
@@ -305,6 +314,7 @@ def main() -> int:
                          "it on to --epochs with the row's codecs: the late epochs of a long run without its "
                          "early ones (FORK.json in the row's run records it; only codecs may differ)")
     args = ap.parse_args()
+    args.resume |= args.fork_from is not None  # a fork goes on from the copied checkpoint
     root, probe = DATASETS[args.dataset]
     if not (root / probe).exists():
         print(f"skipped: {args.dataset} data not found at {root}")

@@ -175,7 +175,8 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         pairs = [(r, by_seed[r["cfg"].train.seed]) for r in rs if r["cfg"].train.seed in by_seed]
         pp = [100 * (ppl(r) / ppl(b) - 1) for r, b in pairs]
         pb = [bleu(r) - bleu(b) for r, b in pairs if bleu(r) is not None and bleu(b) is not None]
-        paired = (f"{_mean(pp):+.2f} % / {_mean(pb):+.4f} ({len(pb)})" if pp and pb and name != args.base else "-")
+        paired = "-" if not pp or name == args.base else (
+            f"{_mean(pp):+.2f} % ({len(pp)}) / " + (f"{_mean(pb):+.4f} ({len(pb)})" if pb else "-"))
         lines.append(
             f"| {name} | {len(rs)} | {mb(a) if fed else '-'} | {_red(a, b_act) if fed else '-'} | "
             f"{mb(t) if fed else '-'} | {_red(t, b_tot) if fed else '-'} | {fmt_bytes(per) if fed else '-'} | "
@@ -187,7 +188,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
               if len(base) > 1 else "not measured yet (one seed finished)")
     lines += ["", f"fp32 SFL seed-to-seed spread: {spread}. A row's difference from fp32 SFL counts as no quality "
               "loss only where it is within that spread. *paired*: the mean over a row's seeds of its difference "
-              "from fp32 SFL of the same seed (same LoRA init and batch order; in brackets, how many seeds).", "",
+              "from fp32 SFL of the same seed (same LoRA init and batch order; in brackets, how many seeds were paired).", "",
               "## What reuse does: reuse by epoch, samples sent, true drift between sightings", "",
               "Drift is 1 - cos of the act_up tensor itself between a sample's sightings in consecutive epochs "
               "(`logging.drift`, compress/drift.py): median / p90; *per channel*: the same with every channel "

@@ -42,7 +42,7 @@ def measure(model: str, steps: int, cut: int, clients: int, batch_size: int, max
             w.train_step(b, step)
         t1 = time.perf_counter()
         for b in batch_set:  # the same batches through plain PEFT
-            central.train_step(b)
+            central.train_step(b, step)
         t2 = time.perf_counter()
         if step:
             t_sfl.append((t1 - t0) / len(batch_set))

@@ -126,3 +126,22 @@ def test_score_cli(tmp_path):
     hyps.write_text("only one line\n")
     text = _err(runner.invoke(app, ["score", "--refs", str(refs), "--hyps", str(hyps)]))
     assert "hyps.txt" in text and "refs.txt" in text
+
+
+@pytest.mark.parametrize("key,ok", [("train.epochs=5", False), ("train.lr_schedule=cosine", False),
+                                    ("compression.codec=int8", False), ("federation.client_timeout_s=5", True)])
+def test_a_resumed_server_trains_on_as_it_began(tmp_path, key, ok):
+    """`splitcom server --resume OUT --set ...`: the round plan, rate schedule and caches follow OUT/config.yaml;
+    only how the server waits may change (exit 2 naming the file and the keys, before anything starts)."""
+    from conftest import tiny_cfg
+
+    from splitcom.config import dump_config
+
+    (tmp_path / "config.yaml").write_text(dump_config(tiny_cfg()))
+    result = runner.invoke(app, ["server", "--resume", str(tmp_path), "--set", key, "--bind", "127.0.0.1:0",
+                                 "--join-timeout", "0.1"])
+    if ok:  # past the check: it fails later for want of a checkpoint, not on the key
+        assert key.split("=")[0] not in result.output
+    else:
+        text = _err(result)
+        assert key.split("=")[0] in text and "config.yaml" in text

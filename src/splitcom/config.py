@@ -174,8 +174,8 @@ class TrainCfg(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="The rate over the run, by global step (every client's k-th step of an epoch is "
-        "one global step): `constant` (train.lr), or `linear` / `cosine` decay from train.lr to 0 at the run's "
-        "last step, as Hugging Face's schedules of those names. A run with a decay cannot be lengthened exactly.")
+        "one global step): `constant` (train.lr), or `linear` / `cosine` decay from train.lr, reaching 0 just after "
+        "the run's last step, as Hugging Face's schedules of those names. A run with a decay cannot be lengthened exactly.")
     warmup_steps: int = Field(0, ge=0, description="Global steps of linear warm-up from 0 to train.lr, before "
                               "the schedule (any schedule).")
     seed: int = Field(0, description="Seed of model init, shuffling and projections; also of the data and its "

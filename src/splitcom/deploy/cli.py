@@ -61,6 +61,9 @@ def _tokens(path: Path | None, out: Path, num_clients: int, resume: bool = False
     return tokens
 
 
+RESUME_SETTABLE = ("federation.client_timeout_s", "federation.min_clients")  # how the server waits, not what it trains
+
+
 def server_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override: dotted.key=value (repeatable).")] = None,
@@ -95,6 +98,13 @@ def server_cmd(
                 raise UserError("a resumed run uses OUT/config.yaml; drop --config", where="--config")
             out, config = resume, resume / "config.yaml"
         cfg = load_config(config, set_ or [])
+        if resume is not None and set_:
+            from splitcom.config import config_diff
+
+            # the plan, the rate schedule, the caches and the checkpoint all follow the run's own config
+            if bad := [k for k in config_diff(load_config(config), cfg, {"logging"}) if k not in RESUME_SETTABLE]:
+                raise UserError(f"a resumed run trains on as it began: --set may change logging.* and "
+                                f"{', '.join(RESUME_SETTABLE)} only, not {', '.join(bad)}", where=str(config))
         cfg.logging.progress = False
         check_deployable(cfg)
         host, _ = split_address(bind)

@@ -74,8 +74,8 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
             raise UserError("a DDPG controller observes progress = epoch / train.epochs: its run cannot be "
                             "lengthened exactly; start a longer run", where="train.epochs")
         if cfg.train.lr_schedule != "constant":
-            raise UserError(f"train.lr_schedule {cfg.train.lr_schedule} decays to 0 at the last step of "
-                            "train.epochs: its run cannot be lengthened exactly; start a longer run",
+            raise UserError(f"train.lr_schedule {cfg.train.lr_schedule} decays to 0 over train.epochs: its run "
+                            "cannot be lengthened exactly; start a longer run",
                             where="train.epochs")
     c = cfg.compression
     if cfg.federation.mode == "sfl" and (c.temporal.enabled or c.prefix):  # checked before anything is touched
