@@ -7,9 +7,10 @@ finished epoch's adapter, scores it, and writes bench/results/regime.md.
 A row's `adapter/` is overwritten at every epoch, so a snapshot (config.yaml + adapter/) of each finished epoch
 goes to RUNS/ROW/epochs/N/ as soon as the row's checkpoint says the epoch finished; each snapshot is scored once
 (beam 4 on the first --score distinct E2E dev inputs, OUT/eval/scores.json as `splitcom eval` writes it).
-Since no learning-rate schedule depends on the number of epochs, epoch N of a 3-epoch row is also the end of
-an N-epoch row: one long row gives the whole quality-against-epochs curve. With --watch it polls until every
-row has finished and every epoch is scored (resumable: snapshots and scores already there are kept).
+At a constant rate (train.lr_schedule: constant) nothing depends on the number of epochs, so epoch N of a
+3-epoch row is the end of an N-epoch row: one long row gives the whole quality-against-epochs curve (not so
+under a decaying schedule). With --watch it polls until every row has finished and every epoch is scored
+(resumable: snapshots and scores already there are kept).
 """
 
 from __future__ import annotations
