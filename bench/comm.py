@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-from splitcom.config import build_config, config_diff, load_config
+from splitcom.config import build_config, config_diff, lengthening_refusal, load_config
 from splitcom.federation.simulation import run
 from splitcom.runlog import CHECKPOINT
 
@@ -264,10 +264,9 @@ def fork(parent: Path, cfg, where: Path) -> None:
     epoch = torch.load(parent / CHECKPOINT, weights_only=True, mmap=True)["epoch"]
     if cfg.train.epochs <= epoch:
         sys.exit(f"{parent}: already {epoch} epochs; --epochs {cfg.train.epochs} leaves nothing to fork (--fork-from)")
-    t = cfg.compression.temporal
-    if "train.epochs" in changed and (cfg.train.lr_schedule != "constant" or (t.enabled and t.controller == "ddpg")):
-        sys.exit(f"{parent}: a run with a decaying train.lr_schedule or a DDPG controller cannot be trained on to "
-                 "more epochs exactly, as `splitcom run --resume` refuses (--fork-from)")
+    if "train.epochs" in changed and (why := lengthening_refusal(cfg)):
+        sys.exit(f"{parent}: {why}: a fork cannot train it on to more epochs exactly, as `splitcom run --resume` "
+                 "refuses (--fork-from)")
     tmp = where.with_name(f".{where.name}.fork")  # whole or not at all: a half copy is never taken for the row
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(parent, tmp, ignore=shutil.ignore_patterns("summary.json", "eval", "tensorboard"))

@@ -521,3 +521,15 @@ def config_diff(a: Config, b: Config, exclude: set[str] | None = None) -> list[s
         return out
     fa, fb = flat(a.model_dump(exclude=exclude)), flat(b.model_dump(exclude=exclude))
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+
+
+def lengthening_refusal(cfg: Config) -> str | None:
+    """Why a run of ``cfg`` cannot be trained on to more epochs exactly (``splitcom run --resume`` with a
+    larger train.epochs, and bench/comm.py's --fork-from), or None where it can: with a constant rate no
+    rule depends on the number of epochs except DDPG's observation (progress = epoch / epochs)."""
+    t = cfg.compression.temporal
+    if cfg.federation.mode == "sfl" and t.enabled and t.controller == "ddpg":
+        return "a DDPG controller observes progress = epoch / train.epochs"
+    if cfg.train.lr_schedule != "constant":
+        return f"train.lr_schedule {cfg.train.lr_schedule} decays to 0 over train.epochs"
+    return None

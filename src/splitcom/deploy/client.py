@@ -19,7 +19,6 @@ from splitcom.deploy.plan import (
     DeployError,
     TlsMismatch,
     VersionMismatch,
-    batches_per_client,
     check_deployable,
     client_blocks,
     client_cuts,
@@ -30,7 +29,7 @@ from splitcom.deploy.plan import (
     round_plan,
 )
 from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.setup import make_client, prepare, tail_layers
+from splitcom.federation.setup import batches_per_client, make_client, prepare, tail_layers
 from splitcom.models.adapters import GLOBAL
 from splitcom.models.hold import hold_only
 from splitcom.runlog import peak_rss_bytes, rss_bytes

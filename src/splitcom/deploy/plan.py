@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -53,10 +52,6 @@ def round_plan(epochs: int, steps_per_epoch: int, every: str | int) -> list[Roun
         if start < steps_per_epoch:
             rounds.append(RoundSpec(len(rounds), epoch, start, steps_per_epoch, g_start, True))
     return rounds
-
-
-def batches_per_client(s: Setup) -> list[int]:
-    return [math.ceil(len(p) / s.cfg.train.batch_size) for p in s.partitions]
 
 
 def partition_digest(s: Setup, cid: int) -> bytes:

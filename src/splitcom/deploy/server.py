@@ -17,14 +17,13 @@ from splitcom.deploy.plan import (
     PREPARE_LOCK,
     DeployError,
     RoundSpec,
-    batches_per_client,
     check_deployable,
     fault,
     log,
     round_plan,
 )
 from splitcom.federation.reuse import ReuseControl
-from splitcom.federation.setup import make_server, prepare
+from splitcom.federation.setup import batches_per_client, make_server, prepare
 from splitcom.fleet.fleet import Fleet
 from splitcom.fleet.schedule import Job, make_schedule
 from splitcom.models.adapters import GLOBAL

@@ -120,10 +120,15 @@ def prepare(cfg: Config, blocks: Callable[[object], Collection[int] | None] | No
                  device)
 
 
+def batches_per_client(s: Setup) -> list[int]:
+    """Each client's batches per epoch; an epoch has as many global steps as the largest client has."""
+    return [math.ceil(len(p) / s.cfg.train.batch_size) for p in s.partitions]
+
+
 def schedule_of(s: Setup) -> LRSchedule | None:
-    """The run's learning-rate schedule (federation/schedule.py); an epoch has as many global steps as the
-    largest client has batches (the centralized baseline: one client with every sample)."""
-    return lr_schedule(s.cfg.train, max(math.ceil(len(p) / s.cfg.train.batch_size) for p in s.partitions))
+    """The run's learning-rate schedule (federation/schedule.py) over the epoch's global steps (the
+    centralized baseline: one client with every sample)."""
+    return lr_schedule(s.cfg.train, max(batches_per_client(s)))
 
 
 def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from splitcom.config import Config, config_diff, dump_config, load_config
+from splitcom.config import Config, config_diff, dump_config, lengthening_refusal, load_config
 from splitcom.errors import UserError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.centralized import CentralizedTrainer
@@ -64,19 +64,11 @@ def load_checkpoint(out: Path, cfg: Config) -> dict:
                         "it as it is: drop those --set; only train.epochs may grow)", where=str(out / "config.yaml"))
     ckpt = torch.load(path, weights_only=True)
     if longer:
-        # With a constant rate no rule depends on the number of epochs, except DDPG's observation
-        # (progress = epoch / epochs): N epochs then M more end where an N + M epoch run ends.
         if cfg.train.epochs < ckpt["epoch"]:
             raise UserError(f"the run has already finished {ckpt['epoch']} epochs; train.epochs "
                             f"{cfg.train.epochs} would undo some", where="train.epochs")
-        if cfg.federation.mode == "sfl" and cfg.compression.temporal.enabled and \
-                cfg.compression.temporal.controller == "ddpg":
-            raise UserError("a DDPG controller observes progress = epoch / train.epochs: its run cannot be "
-                            "lengthened exactly; start a longer run", where="train.epochs")
-        if cfg.train.lr_schedule != "constant":
-            raise UserError(f"train.lr_schedule {cfg.train.lr_schedule} decays to 0 over train.epochs: its run "
-                            "cannot be lengthened exactly; start a longer run",
-                            where="train.epochs")
+        if why := lengthening_refusal(cfg):  # N epochs then M more must end where an N + M epoch run ends
+            raise UserError(f"{why}: its run cannot be lengthened exactly; start a longer run", where="train.epochs")
     c = cfg.compression
     if cfg.federation.mode == "sfl" and (c.temporal.enabled or c.prefix):  # checked before anything is touched
         states = [ckpt.get("server", {}), *ckpt.get("clients", [])]
