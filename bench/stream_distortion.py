@@ -1,0 +1,139 @@
+"""Which stream's codec costs quality: one batch's loss and LoRA gradients with each stream's first-sight
+codec applied alone, against the exact split (issue 18, U-shape).
+
+A U-shape step sends four tensors per sample: act_up (block cut-1's output), act_down (the server's last
+block's output), grad_up (the gradient at act_down) and grad_down (the gradient at act_up). This script runs
+the split model as simulation does (SplitModel slices), but passes each stream through a codec's
+encode/decode in place, one stream at a time and all together, and reports per configuration:
+
+- *loss*: relative change of the batch loss (the forward streams act_up, act_down only);
+- *cos head / server / tail*: cosine between the LoRA gradient of that part of the model and the exact one;
+- *norm*: relative error of the whole LoRA gradient's norm.
+
+Cheap (a few forward/backward passes per configuration) where a training row costs an hour; a distortion
+measure, not a quality result: the rows of bench/comm.py say what training makes of it.
+
+    .venv/bin/python bench/stream_distortion.py --run runs/regime/ushape+codec-map \\
+        --adapter runs/regime/baseline/adapter --batches 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from splitcom.compress.codecs import get_codec  # noqa: E402
+from splitcom.config import load_config  # noqa: E402
+from splitcom.data.tokenize import batches  # noqa: E402
+from splitcom.federation.setup import prepare  # noqa: E402
+from splitcom.models.split import causal_lm_loss, layer_index, pad, unpad  # noqa: E402
+
+STREAMS = ("act_up", "act_down", "grad_up", "grad_down")
+# configurations: name -> codec by stream (absent: exact)
+CODEC_MAP = {"act_up": "int8", "act_down": "int8o", "grad_up": "int8", "grad_down": "int2"}
+CONFIGS: dict[str, dict[str, str]] = {
+    "exact": {},
+    **{f"{s} {c}": {s: c} for s, c in CODEC_MAP.items()},
+    "codec-map (all four)": CODEC_MAP,
+    "act_down int4o": {"act_down": "int4o"},
+    "act_down int8": {"act_down": "int8"},
+    "grad_up int8o": {"grad_up": "int8o"},
+    "grad_up int4o": {"grad_up": "int4o"},
+    "grad_up int4": {"grad_up": "int4"},
+    "grad_down int4": {"grad_down": "int4"},
+    "grad_down int8": {"grad_down": "int8"},
+    "act_up int4o": {"act_up": "int4o"},
+}
+
+
+def roundtrip(x: torch.Tensor, codec: str | None, lengths: list[int]) -> torch.Tensor:
+    """What the receiver decodes: each sample's real tokens through the codec, pad rows zero."""
+    if codec is None:
+        return x
+    c = get_codec(codec)
+    rows = [c.decode(c.encode(r), r.shape[0], r.shape[1]).to(x.dtype) for r in unpad(x.detach(), lengths)]
+    return pad(rows, x.shape[1]).to(x.device)
+
+
+class Wire(torch.autograd.Function):
+    """Forward: the activation as received; backward: the gradient as received."""
+
+    @staticmethod
+    def forward(ctx, x, fwd, bwd, lengths):
+        ctx.bwd, ctx.lengths = bwd, lengths
+        return roundtrip(x, fwd, lengths)
+
+    @staticmethod
+    def backward(ctx, g):
+        return roundtrip(g, ctx.bwd, ctx.lengths), None, None, None
+
+
+def step(s, batch, cut: int, tail: int, codecs: dict[str, str]) -> tuple[float, dict[str, torch.Tensor]]:
+    sm, model = s.split, s.split.model
+    model.zero_grad(set_to_none=True)
+    lengths = batch.lengths
+    h = sm.run(sm.embed(batch.input_ids), lengths, 0, cut)
+    h = Wire.apply(h, codecs.get("act_up"), codecs.get("grad_down"), lengths)
+    h = sm.run(h, lengths, cut, sm.num_layers - tail)
+    h = Wire.apply(h, codecs.get("act_down"), codecs.get("grad_up"), lengths)
+    h = sm.run(h, lengths, sm.num_layers - tail, sm.num_layers)
+    loss = causal_lm_loss(sm.logits(h), batch.labels)
+    loss.backward()
+    parts: dict[str, list[torch.Tensor]] = {"head": [], "server": [], "tail": []}
+    for name, p in model.named_parameters():
+        if p.grad is None or "lora_" not in name:
+            continue
+        i = layer_index(name)
+        part = "head" if i < cut else "tail" if i >= sm.num_layers - tail else "server"
+        parts[part].append(p.grad.detach().reshape(-1).clone())
+    return float(loss), {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", required=True, help="a U-shape run folder (its config.yaml: model, data, cut)")
+    ap.add_argument("--adapter", help="a PEFT adapter folder to load first (a trained state); none: LoRA init")
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", help="write the table here (markdown) as well as printing it")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    cfg = load_config(Path(a.run) / "config.yaml")
+    s = prepare(cfg)
+    if a.adapter:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        res = set_peft_model_state_dict(s.split.model, load_file(str(Path(a.adapter) / "adapter_model.safetensors")))
+        if getattr(res, "unexpected_keys", None):
+            sys.exit(f"{a.adapter}: keys this model does not have: {res.unexpected_keys[:3]}")
+    cut, tail = cfg.split.cut_layer, cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
+    if tail == 0:
+        sys.exit(f"{a.run}: split.mode is {cfg.split.mode}; this script measures the four U-shape streams")
+    data = batches(s.train[: a.batches * cfg.train.batch_size], cfg.train.batch_size, s.pad_id)
+    exact = [step(s, b, cut, tail, {}) for b in data]
+    lines = [f"# Stream distortion: `{a.run}`, adapter `{a.adapter or 'LoRA init'}`, {len(data)} batches of "
+             f"{cfg.train.batch_size}", "",
+             "| codecs | loss | cos head | cos server | cos tail | norm |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, codecs in CONFIGS.items():
+        rows = [step(s, b, cut, tail, codecs) for b in data]
+        dl = sum(abs(r[0] - e[0]) / e[0] for r, e in zip(rows, exact)) / len(data)
+        cos = {k: sum(float(torch.nn.functional.cosine_similarity(r[1][k], e[1][k], dim=0))
+                      for r, e in zip(rows, exact)) / len(data) for k in exact[0][1]}
+        norm = sum(abs(float(torch.cat(list(r[1].values())).norm() / torch.cat(list(e[1].values())).norm()) - 1)
+                   for r, e in zip(rows, exact)) / len(data)
+        lines.append(f"| {name} | {dl:.2e} | {cos.get('head', float('nan')):.5f} | {cos['server']:.5f} | "
+                     f"{cos.get('tail', float('nan')):.5f} | {norm:.2e} |")
+        print(lines[-1], flush=True)
+    if a.out:
+        Path(a.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
