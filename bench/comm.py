@@ -162,6 +162,10 @@ ROWS: dict[str, list[str]] = {
     # exact one (int4: 0.989), the largest distortion of the four streams; int4 first sights and refreshes
     "ushape+codec-map+grad_down-int4": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int4}", "sign1",
                                                {"grad_down": "int4"}),
+    # ... and every other first sight in int4o: act_up's held quality in SFL (all+int4o), act_down's and
+    # grad_up's distort less than act_up's (stream_distortion.md)
+    "ushape+int4o+grad_down-int4": _ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4o, grad_down: int4}",
+                                           "sign1", {"grad_down": "int4"}),
     "ushape+codec-map+adapter-int2": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "int2"),
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
