@@ -141,6 +141,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
     ppl = lambda r: r["eval"]["val_ppl"]  # noqa: E731
     bleu = lambda r: r["scores"].get("BLEU")  # noqa: E731
     b_act, b_tot = (_mean([ab(r) for r in base]), _mean([tot(r) for r in base])) if base else (0, 0)
+    # U-shape rows send four streams: their bytes are set against fp32 U-shape (`ushape`) once it has run
+    u_base = runs.get("ushape", [])
+    u_act, u_tot = (_mean([ab(r) for r in u_base]), _mean([tot(r) for r in u_base])) if u_base else (b_act, b_tot)
     b_ppl = _mean([ppl(r) for r in base]) if base else float("nan")
     b_bleus = [bleu(r) for r in base if bleu(r) is not None]
     b_bleu = _mean(b_bleus) if b_bleus else None
@@ -153,7 +156,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
              f"smollm2-135m, cut 2, lr 5e-4, batch 8, max length 64, FedAvg every epoch. val ppl on the same 200 dev "
              f"samples for every row; BLEU etc. on the first {args.score} distinct E2E dev inputs (beam {args.beams}). "
              "Several seeds (`ROW@sN`: train.seed N on the same data, dev set and clients): the mean, and the spread "
-             f"(max - min) in brackets. *less* is against fp32 SFL (`{args.base}`).", "",
+             f"(max - min) in brackets. *less* is against fp32 SFL (`{args.base}`); *(U)*: against fp32 U-shape "
+             "(`ushape`, the same four streams in fp32), for U-shape rows once it has run. Δppl and ΔBLEU are "
+             f"against `{args.base}` for every row.", "",
              "## Bytes and quality", "",
              "| row | seeds | act_up MB | act_up less | total MB | total less | per client per round | val ppl | "
              "Δppl | BLEU | ΔBLEU | paired Δppl / ΔBLEU | NIST | METEOR | ROUGE_L | CIDEr |",
@@ -167,6 +172,8 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         cfg = rs[0]["cfg"]
         fed = cfg.federation.mode != "centralized"
         per = t / cfg.federation.num_clients / E if fed else None
+        ushape = fed and cfg.split.mode == "ushape" and u_base and name != "ushape"
+        r_act, r_tot = (u_act, u_tot) if ushape else (b_act, b_tot)
         sp = lambda xs, f: "" if len(xs) < 2 else f" ({_spread(xs):{f}})"  # noqa: E731
         gen = lambda k, f, rs=rs: (lambda v: "-" if not v else format(_mean(v), f))(  # noqa: E731
             [r["scores"][k] for r in rs if r["scores"].get(k) is not None])
@@ -179,8 +186,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         paired = "-" if not pp or name == args.base else (
             f"{_mean(pp):+.2f} % ({len(pp)}) / " + (f"{_mean(pb):+.4f} ({len(pb)})" if pb else "-"))
         lines.append(
-            f"| {name} | {len(rs)} | {mb(a) if fed else '-'} | {_red(a, b_act) if fed else '-'} | "
-            f"{mb(t) if fed else '-'} | {_red(t, b_tot) if fed else '-'} | {fmt_bytes(per) if fed else '-'} | "
+            f"| {name} | {len(rs)} | {mb(a) if fed else '-'} | {_red(a, r_act) if fed else '-'}{' (U)' if ushape else ''} | "
+            f"{mb(t) if fed else '-'} | {_red(t, r_tot) if fed else '-'}{' (U)' if ushape else ''} | "
+            f"{fmt_bytes(per) if fed else '-'} | "
             f"{_mean(p):.3f}{sp(p, '.3f')} | {dppl} | {format(_mean(bl), '.4f') + sp(bl, '.4f') if bl else '-'} | "
             f"{dbleu} | {paired} | {gen('NIST', '.3f')} | {gen('METEOR', '.4f')} | {gen('ROUGE_L', '.4f')} | "
             f"{gen('CIDEr', '.3f')} |")
