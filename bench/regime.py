@@ -228,6 +228,19 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         full = f"{fmt_bytes(cache / samples * share)} / {fmt_bytes(bound)}" if cache is not None and samples else "-"
         lines.append(f"| {name} | {by} | {counts} | {q('between')} | {q('between_channel')} | {q('stale')} | "
                      f"{q('summary')} | {fmt_bytes(cache / n) if cache is not None else '-'} | {full} |")
+    ushapes = {n: rs for n, rs in runs.items() if rs and rs[0]["cfg"].split.mode == "ushape"}
+    if ushapes:
+        streams = ["act_up", "act_down", "grad_up", "grad_down", "adapters"]
+        by = lambda r, k: sum(v for s, v in r["eval"]["bytes_by_stream"].items()  # noqa: E731
+                              if s == k or (k == "adapters" and s.startswith("adapters")))
+        lines += ["", "## U-shape: bytes by stream", "",
+                  "MB per stream at the table's epoch (mean over seeds); *less*: against fp32 U-shape (`ushape`) "
+                  "where it has run.", "",
+                  "| row | " + " | ".join(streams) + " | total | less |", "| --- |" + " ---: |" * (len(streams) + 2)]
+        for name, rs in ushapes.items():
+            t = _mean([tot(r) for r in rs])
+            lines.append(f"| {name} | " + " | ".join(mb(_mean([by(r, k) for r in rs])) for k in streams) +
+                         f" | {mb(t)} | {_red(t, u_tot) if u_base and name != 'ushape' else '-'} |")
     lines += ["", "## Time to quality (simulated) and device memory", "",
               f"The simulated clock (fleet/clock.py) of each run replayed on two fleets (fleet/replay.py: the same "
               f"batches and the bytes each client really sent in each step and round) with an `{SERVER}` server. "
