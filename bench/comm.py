@@ -103,6 +103,11 @@ ROWS: dict[str, list[str]] = {
     # into the next refresh (error feedback)
     "all+delta-int2": [*ALL, f"{T}.delta_codec=int2"],
     "all+delta-sign1o": [*ALL, f"{T}.delta_codec=sign1o"],
+    # the long-run candidate for act_up >= 99 %: int4o first sights (half of int8's), bang-bang between 0.99
+    # (bangbang+all reused 99.9 % of epoch 2 at 0.99) and 0.9999 on validation, 1-bit refreshes
+    "all+int4o+bangbang+sign1o": [*ALL, "compression.codec=int4o", f"{T}.controller=bangbang",
+                                  f"{T}.bangbang.aggressive=0.99", f"{T}.bangbang.conservative=0.9999",
+                                  f"{T}.delta_codec=sign1o"],
     # the threshold and the refresh codec trade the refresh waves of long runs against staleness
     "all@0.995+int2": [f"{T}.enabled=true", f"{T}.threshold=0.995", "compression.codec=int8", f"{T}.refresh=delta",
                        f"{T}.delta_codec=int2", "compression.prefix=true", "compression.entropy=zstd",

@@ -86,6 +86,7 @@ FINGERPRINTS = {
     "bangbang-budget+all": "7b9c7769099a91b6",
     "all+delta-int2": "c27af97ccb450fc3",
     "all+delta-sign1o": "eab7e60d1e302408",
+    "all+int4o+bangbang+sign1o": "85964df9b5a17dd6",
     "baseline+linear": "400027e4a86bc867",  # the rate schedule is not a stream knob
     "all+linear": "a58b3eeefd2efddc",
 }
