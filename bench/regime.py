@@ -32,7 +32,7 @@ def snapshot(row: Path) -> list[int]:
 
     ckpt = row / "checkpoint.pt"
     if ckpt.is_file():
-        epoch = torch.load(ckpt, weights_only=True, map_location="cpu")["epoch"]
+        epoch = torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)["epoch"]
         dest = row / "epochs" / str(epoch)
         if not dest.is_dir():
             tmp = dest.with_name(f".{epoch}.tmp")
@@ -40,7 +40,7 @@ def snapshot(row: Path) -> list[int]:
             tmp.mkdir(parents=True)
             shutil.copy(row / "config.yaml", tmp / "config.yaml")
             shutil.copytree(row / "adapter", tmp / "adapter")
-            if torch.load(ckpt, weights_only=True, map_location="cpu")["epoch"] == epoch:  # not overwritten since
+            if torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)["epoch"] == epoch:  # not overwritten since
                 os.replace(tmp, dest)
             else:
                 shutil.rmtree(tmp)
