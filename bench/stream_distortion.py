@@ -90,7 +90,7 @@ def step(s, batch, cut: int, tail: int, codecs: dict[str, str]) -> tuple[float, 
             continue
         i = layer_index(name)
         part = "head" if i < cut else "tail" if i >= sm.num_layers - tail else "server"
-        parts[part].append(p.grad.detach().reshape(-1).clone())
+        parts[part].append(p.grad.detach().reshape(-1).double())  # fp64: a cosine over ~10^6 values
     return float(loss), {k: torch.cat(v) for k, v in parts.items() if v}
 
 
