@@ -171,6 +171,13 @@ ROWS: dict[str, list[str]] = {
     # grad_up's distort less than act_up's (stream_distortion.md)
     "ushape+int4o+grad_down-int4": _ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4o, grad_down: int4}",
                                            "sign1", {"grad_down": "int4"}),
+    # with adapter_refresh: delta, a client's first upload is already a delta (from the LoRA init it was sent),
+    # and 1-bit adapter deltas cost the fp32 adapter +2.9 % val ppl on the head and tail blocks (int4: 0.0 %,
+    # stream_distortion.md): the learning regime's U-shape rows with int4 adapter deltas
+    "ushape+codec-map+adapter-int4": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "int4"),
+    "ushape+int4o+grad_down-int4+adapter-int4": _ushape("{act_up: int4o, act_down: int4o}",
+                                                        "{grad_up: int4o, grad_down: int4}", "int4",
+                                                        {"grad_down": "int4"}),
     "ushape+codec-map+adapter-int2": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "int2"),
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
