@@ -172,7 +172,7 @@ ROWS: dict[str, list[str]] = {
     "ushape+int4o+grad_down-int4": _ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4o, grad_down: int4}",
                                            "sign1", {"grad_down": "int4"}),
     # with adapter_refresh: delta, a client's first upload is already a delta (from the LoRA init it was sent),
-    # and 1-bit adapter deltas cost the fp32 adapter +2.9 % val ppl on the head and tail blocks (int4: 0.0 %,
+    # and one 1-bit upload costs the fp32 adapter's head and tail blocks +1.3 % val ppl (int4: +0.01 %,
     # stream_distortion.md): the learning regime's U-shape rows with int4 adapter deltas
     "ushape+codec-map+adapter-int4": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "int4"),
     "ushape+int4o+grad_down-int4+adapter-int4": _ushape("{act_up: int4o, act_down: int4o}",

@@ -94,17 +94,56 @@ def step(s, batch, cut: int, tail: int, codecs: dict[str, str]) -> tuple[float, 
     return float(loss), {k: torch.cat(v) for k, v in parts.items() if v}
 
 
+def adapter_table(s, a, init: dict[str, torch.Tensor], cut: int, tail: int) -> list[str]:
+    """Val ppl of the loaded adapter when the client's blocks (head, tail) reach the server through an adapter
+    codec as a delta from the LoRA init (with adapter_refresh: delta, a client's first upload is that delta),
+    on the first --val-samples dev samples."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from splitcom.evaluate.perplexity import evaluate_loss
+    from splitcom.protocol.serde import adapter_roundtrip
+
+    model, n = s.split.model, s.split.num_layers
+    trained = load_file(str(Path(a.adapter) / "adapter_model.safetensors"))
+    val = s.val[: a.val_samples]
+
+    def ppl(state) -> float:
+        set_peft_model_state_dict(model, state)
+        return evaluate_loss(s.split, s.bank, val, s.cfg.train.batch_size, s.pad_id)[1]
+
+    exact = ppl(trained)
+    lines = ["", "## Adapter codecs: the client blocks' first upload as a delta from the LoRA init", "",
+             f"val ppl on the first {len(val)} dev samples with the adapter as the server decodes it; exact: "
+             f"{exact:.4f}.", "", "| blocks | int8 | int4 | int2 | sign1 |", "| --- | ---: | ---: | ---: | ---: |"]
+    parts = {"head": set(range(cut)), "tail": set(range(n - tail, n)), "head + tail": set(range(cut)) | set(range(n - tail, n))}
+    for name, blocks in parts.items():
+        cells = []
+        for codec in ("int8", "int4", "int2", "sign1"):
+            q = {k: init[k] + adapter_roundtrip(v - init[k], codec) if layer_index(k) in blocks else v
+                 for k, v in trained.items()}
+            cells.append(f"{100 * (ppl(q) / exact - 1):+.3f} %")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a U-shape run folder (its config.yaml: model, data, cut)")
     ap.add_argument("--adapter", help="a PEFT adapter folder to load first (a trained state); none: LoRA init")
     ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--val-samples", type=int, default=96, help="dev samples for the adapter-codec table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the table here (markdown) as well as printing it")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(Path(a.run) / "config.yaml")
     s = prepare(cfg)
+    from peft import get_peft_model_state_dict
+
+    # the LoRA init of this run: what the server first sends down, and what a first upload is a delta from
+    init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(s.split.model).items()}
     if a.adapter:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -122,14 +161,16 @@ def main() -> int:
              "| codecs | loss | cos head | cos server | cos tail | norm |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, codecs in CONFIGS.items():
         rows = [step(s, b, cut, tail, codecs) for b in data]
-        dl = sum(abs(r[0] - e[0]) / e[0] for r, e in zip(rows, exact)) / len(data)
+        dl = sum(abs(r[0] - e[0]) / e[0] for r, e in zip(rows, exact, strict=True)) / len(data)
         cos = {k: sum(float(torch.nn.functional.cosine_similarity(r[1][k], e[1][k], dim=0))
-                      for r, e in zip(rows, exact)) / len(data) for k in exact[0][1]}
+                      for r, e in zip(rows, exact, strict=True)) / len(data) for k in exact[0][1]}
         norm = sum(abs(float(torch.cat(list(r[1].values())).norm() / torch.cat(list(e[1].values())).norm()) - 1)
-                   for r, e in zip(rows, exact)) / len(data)
+                   for r, e in zip(rows, exact, strict=True)) / len(data)
         lines.append(f"| {name} | {dl:.2e} | {cos.get('head', float('nan')):.5f} | {cos['server']:.5f} | "
                      f"{cos.get('tail', float('nan')):.5f} | {norm:.2e} |")
         print(lines[-1], flush=True)
+    if a.adapter:
+        lines += adapter_table(s, a, init, cut, tail)
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0

@@ -352,7 +352,10 @@ class CompressionCfg(_Strict):
         "full", description="`delta`: after the first exchange, each round's adapters travel as the change "
         "since what the receiver holds (both ends keep an exact mirror, named by a digest), coded with "
         "`adapter_delta_codec`; `full`: the adapter itself with `adapter_codec`.")
-    adapter_delta_codec: Codec = Field("int4", description="Codec of adapter deltas (adapter_refresh=delta).")
+    adapter_delta_codec: Codec = Field("int4", description=(
+        "Codec of adapter deltas (adapter_refresh=delta). A client's first upload is already a delta (from the "
+        "adapter it was sent), as large as what it learned: sign1 / int2 deltas cost quality where adapters move "
+        "(bench/results/stream_distortion.md: one sign1 upload of U-shape's head and tail costs +1.3 % val ppl, int4 +0.01 %)."))
     temporal: TemporalCfg = Field(default_factory=TemporalCfg)
 
     @field_validator("codec", mode="before")
