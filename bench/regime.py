@@ -31,8 +31,11 @@ def snapshot(row: Path) -> list[int]:
     import torch
 
     ckpt = row / "checkpoint.pt"
+    def epoch_of() -> int:  # through mmap: a row's checkpoint is 1.5 GB, its epoch one number
+        return torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)["epoch"]
+
     if ckpt.is_file():
-        epoch = torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)["epoch"]
+        epoch = epoch_of()
         dest = row / "epochs" / str(epoch)
         if not dest.is_dir():
             tmp = dest.with_name(f".{epoch}.tmp")
@@ -40,7 +43,7 @@ def snapshot(row: Path) -> list[int]:
             tmp.mkdir(parents=True)
             shutil.copy(row / "config.yaml", tmp / "config.yaml")
             shutil.copytree(row / "adapter", tmp / "adapter")
-            if torch.load(ckpt, weights_only=True, map_location="cpu", mmap=True)["epoch"] == epoch:  # not overwritten since
+            if epoch_of() == epoch:  # not overwritten since
                 os.replace(tmp, dest)
             else:
                 shutil.rmtree(tmp)
@@ -144,6 +147,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
     # U-shape rows send four streams: their bytes are set against fp32 U-shape (`ushape`) once it has run
     u_base = runs.get("ushape", [])
     u_act, u_tot = (_mean([ab(r) for r in u_base]), _mean([tot(r) for r in u_base])) if u_base else (b_act, b_tot)
+
+    def against_ushape(name: str, cfg) -> bool:
+        return bool(u_base) and cfg.split.mode == "ushape" and name != "ushape"
     b_ppl = _mean([ppl(r) for r in base]) if base else float("nan")
     b_bleus = [bleu(r) for r in base if bleu(r) is not None]
     b_bleu = _mean(b_bleus) if b_bleus else None
@@ -172,7 +178,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         cfg = rs[0]["cfg"]
         fed = cfg.federation.mode != "centralized"
         per = t / cfg.federation.num_clients / E if fed else None
-        ushape = fed and cfg.split.mode == "ushape" and u_base and name != "ushape"
+        ushape = fed and against_ushape(name, cfg)
         r_act, r_tot = (u_act, u_tot) if ushape else (b_act, b_tot)
         sp = lambda xs, f: "" if len(xs) < 2 else f" ({_spread(xs):{f}})"  # noqa: E731
         gen = lambda k, f, rs=rs: (lambda v: "-" if not v else format(_mean(v), f))(  # noqa: E731
@@ -240,7 +246,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         for name, rs in ushapes.items():
             t = _mean([tot(r) for r in rs])
             lines.append(f"| {name} | " + " | ".join(mb(_mean([by(r, k) for r in rs])) for k in streams) +
-                         f" | {mb(t)} | {_red(t, u_tot) if u_base and name != 'ushape' else '-'} |")
+                         f" | {mb(t)} | {_red(t, u_tot) if against_ushape(name, rs[0]['cfg']) else '-'} |")
     lines += ["", "## Time to quality (simulated) and device memory", "",
               f"The simulated clock (fleet/clock.py) of each run replayed on two fleets (fleet/replay.py: the same "
               f"batches and the bytes each client really sent in each step and round) with an `{SERVER}` server. "

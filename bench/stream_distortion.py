@@ -14,7 +14,7 @@ Cheap (a few forward/backward passes per configuration) where a training row cos
 measure, not a quality result: the rows of bench/comm.py say what training makes of it.
 
     .venv/bin/python bench/stream_distortion.py --run runs/regime/ushape+codec-map \\
-        --adapter runs/regime/baseline/adapter --batches 4
+        --trained runs/regime/baseline --batches 4
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from splitcom.audit.run import load_global_adapter  # noqa: E402
 from splitcom.compress.codecs import get_codec  # noqa: E402
 from splitcom.config import load_config  # noqa: E402
 from splitcom.data.tokenize import batches  # noqa: E402
 from splitcom.federation.setup import prepare  # noqa: E402
+from splitcom.models.adapters import GLOBAL  # noqa: E402
 from splitcom.models.split import causal_lm_loss, layer_index, pad, unpad  # noqa: E402
 
 STREAMS = ("act_up", "act_down", "grad_up", "grad_down")
@@ -94,22 +96,18 @@ def step(s, batch, cut: int, tail: int, codecs: dict[str, str]) -> tuple[float, 
     return float(loss), {k: torch.cat(v) for k, v in parts.items() if v}
 
 
-def adapter_table(s, a, init: dict[str, torch.Tensor], cut: int, tail: int) -> list[str]:
-    """Val ppl of the loaded adapter when the client's blocks (head, tail) reach the server through an adapter
+def adapter_table(s, a, init: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], cut: int,
+                  tail: int) -> list[str]:
+    """Val ppl of the trained adapter when the client's blocks (head, tail) reach the server through an adapter
     codec as a delta from the LoRA init (with adapter_refresh: delta, a client's first upload is that delta),
     on the first --val-samples dev samples."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     from splitcom.evaluate.perplexity import evaluate_loss
     from splitcom.protocol.serde import adapter_roundtrip
 
-    model, n = s.split.model, s.split.num_layers
-    trained = load_file(str(Path(a.adapter) / "adapter_model.safetensors"))
-    val = s.val[: a.val_samples]
+    n, val = s.split.num_layers, s.val[: a.val_samples]
 
     def ppl(state) -> float:
-        set_peft_model_state_dict(model, state)
+        s.bank.load(GLOBAL, state)
         return evaluate_loss(s.split, s.bank, val, s.cfg.train.batch_size, s.pad_id)[1]
 
     exact = ppl(trained)
@@ -131,7 +129,7 @@ def adapter_table(s, a, init: dict[str, torch.Tensor], cut: int, tail: int) -> l
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a U-shape run folder (its config.yaml: model, data, cut)")
-    ap.add_argument("--adapter", help="a PEFT adapter folder to load first (a trained state); none: LoRA init")
+    ap.add_argument("--trained", help="a run folder whose adapter/ is loaded first (a trained state); none: LoRA init")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--val-samples", type=int, default=96, help="dev samples for the adapter-codec table")
     ap.add_argument("--threads", type=int, default=1)
@@ -140,23 +138,18 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     cfg = load_config(Path(a.run) / "config.yaml")
     s = prepare(cfg)
-    from peft import get_peft_model_state_dict
-
     # the LoRA init of this run: what the server first sends down, and what a first upload is a delta from
-    init = {k: v.detach().clone() for k, v in get_peft_model_state_dict(s.split.model).items()}
-    if a.adapter:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        res = set_peft_model_state_dict(s.split.model, load_file(str(Path(a.adapter) / "adapter_model.safetensors")))
-        if getattr(res, "unexpected_keys", None):
-            sys.exit(f"{a.adapter}: keys this model does not have: {res.unexpected_keys[:3]}")
+    init = s.bank.state(GLOBAL)
+    if a.trained:
+        if not (Path(a.trained) / "adapter" / "adapter_model.safetensors").is_file():
+            sys.exit(f"{a.trained}: no adapter/adapter_model.safetensors (--trained takes a run folder)")
+        load_global_adapter(s, Path(a.trained))
     cut, tail = cfg.split.cut_layer, cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
     if tail == 0:
         sys.exit(f"{a.run}: split.mode is {cfg.split.mode}; this script measures the four U-shape streams")
     data = batches(s.train[: a.batches * cfg.train.batch_size], cfg.train.batch_size, s.pad_id)
     exact = [step(s, b, cut, tail, {}) for b in data]
-    lines = [f"# Stream distortion: `{a.run}`, adapter `{a.adapter or 'LoRA init'}`, {len(data)} batches of "
+    lines = [f"# Stream distortion: `{a.run}`, adapter of `{a.trained or 'LoRA init'}`, {len(data)} batches of "
              f"{cfg.train.batch_size}", "",
              "| codecs | loss | cos head | cos server | cos tail | norm |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, codecs in CONFIGS.items():
@@ -169,8 +162,8 @@ def main() -> int:
         lines.append(f"| {name} | {dl:.2e} | {cos.get('head', float('nan')):.5f} | {cos['server']:.5f} | "
                      f"{cos.get('tail', float('nan')):.5f} | {norm:.2e} |")
         print(lines[-1], flush=True)
-    if a.adapter:
-        lines += adapter_table(s, a, init, cut, tail)
+    if a.trained:
+        lines += adapter_table(s, a, init, s.bank.state(GLOBAL), cut, tail)
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return 0
