@@ -137,16 +137,16 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(Path(a.run) / "config.yaml")
+    cut, tail = cfg.split.cut_layer, cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
+    if tail == 0:
+        sys.exit(f"{a.run}: split.mode is {cfg.split.mode}; this script measures the four U-shape streams")
+    if a.trained and not (Path(a.trained) / "adapter" / "adapter_model.safetensors").is_file():
+        sys.exit(f"{a.trained}: no adapter/adapter_model.safetensors (--trained takes a run folder)")
     s = prepare(cfg)
     # the LoRA init of this run: what the server first sends down, and what a first upload is a delta from
     init = s.bank.state(GLOBAL)
     if a.trained:
-        if not (Path(a.trained) / "adapter" / "adapter_model.safetensors").is_file():
-            sys.exit(f"{a.trained}: no adapter/adapter_model.safetensors (--trained takes a run folder)")
         load_global_adapter(s, Path(a.trained))
-    cut, tail = cfg.split.cut_layer, cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
-    if tail == 0:
-        sys.exit(f"{a.run}: split.mode is {cfg.split.mode}; this script measures the four U-shape streams")
     data = batches(s.train[: a.batches * cfg.train.batch_size], cfg.train.batch_size, s.pad_id)
     exact = [step(s, b, cut, tail, {}) for b in data]
     lines = [f"# Stream distortion: `{a.run}`, adapter of `{a.trained or 'LoRA init'}`, {len(data)} batches of "
