@@ -50,6 +50,12 @@ CONFIGS: dict[str, dict[str, str]] = {
     "grad_down int4": {"grad_down": "int4"},
     "grad_down int8": {"grad_down": "int8"},
     "act_up int4o": {"act_up": "int4o"},
+    # stochastic rounding: unbiased, so the error averages out over steps where nearest rounding's does not
+    "grad_down int2s": {"grad_down": "int2s"},
+    "grad_down int4s": {"grad_down": "int4s"},
+    "grad_up int2s": {"grad_up": "int2s"},
+    "grad_up int4s": {"grad_up": "int4s"},
+    "grad_up int2": {"grad_up": "int2"},
 }
 
 
@@ -134,6 +140,8 @@ def main() -> int:
     ap.add_argument("--val-samples", type=int, default=96, help="dev samples for the adapter-codec table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the table here (markdown) as well as printing it")
+    ap.add_argument("--streams-only", action="store_true", help="skip the adapter-codec table (about 20 min)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help=f"these configurations only (of: {', '.join(CONFIGS)})")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = load_config(Path(a.run) / "config.yaml")
@@ -142,6 +150,9 @@ def main() -> int:
         sys.exit(f"{a.run}: split.mode is {cfg.split.mode}; this script measures the four U-shape streams")
     if a.trained and not (Path(a.trained) / "adapter" / "adapter_model.safetensors").is_file():
         sys.exit(f"{a.trained}: no adapter/adapter_model.safetensors (--trained takes a run folder)")
+    unknown = sorted(set(a.only or []) - set(CONFIGS))
+    if unknown:
+        sys.exit(f"--only: unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
     s = prepare(cfg)
     # the LoRA init of this run: what the server first sends down, and what a first upload is a delta from
     init = s.bank.state(GLOBAL)
@@ -151,18 +162,24 @@ def main() -> int:
     exact = [step(s, b, cut, tail, {}) for b in data]
     lines = [f"# Stream distortion: `{a.run}`, adapter of `{a.trained or 'LoRA init'}`, {len(data)} batches of "
              f"{cfg.train.batch_size}", "",
-             "| codecs | loss | cos head | cos server | cos tail | norm |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| codecs | loss | cos head | cos server | cos tail | norm | cos head, sum over batches |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    exact_sum = sum(e[1]["head"] for e in exact)
     for name, codecs in CONFIGS.items():
+        if a.only and name not in a.only and name != "exact":
+            continue
         rows = [step(s, b, cut, tail, codecs) for b in data]
+        # a biased error keeps its cosine as batches add up; an unbiased one averages out
+        cos_sum = float(torch.nn.functional.cosine_similarity(sum(r[1]["head"] for r in rows), exact_sum, dim=0))
         dl = sum(abs(r[0] - e[0]) / e[0] for r, e in zip(rows, exact, strict=True)) / len(data)
         cos = {k: sum(float(torch.nn.functional.cosine_similarity(r[1][k], e[1][k], dim=0))
                       for r, e in zip(rows, exact, strict=True)) / len(data) for k in exact[0][1]}
         norm = sum(abs(float(torch.cat(list(r[1].values())).norm() / torch.cat(list(e[1].values())).norm()) - 1)
                    for r, e in zip(rows, exact, strict=True)) / len(data)
         lines.append(f"| {name} | {dl:.2e} | {cos.get('head', float('nan')):.5f} | {cos['server']:.5f} | "
-                     f"{cos.get('tail', float('nan')):.5f} | {norm:.2e} |")
+                     f"{cos.get('tail', float('nan')):.5f} | {norm:.2e} | {cos_sum:.5f} |")
         print(lines[-1], flush=True)
-    if a.trained:
+    if a.trained and not a.streams_only:
         lines += adapter_table(s, a, init, s.bank.state(GLOBAL), cut, tail)
     if a.out:
         Path(a.out).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -40,10 +40,33 @@ def test_round_trip_error_bounds(name, bound):
 
 def test_int_codecs_keep_zero_rows_and_signs():
     x = torch.tensor([[0.0, 0.0, 0.0], [-1.0, 0.5, 1.0]])
-    for name in ("int8", "int4", "int2"):
+    for name in ("int8", "int4", "int2", "int4s", "int2s"):
         y = get_codec(name).decode(get_codec(name).encode(x), 2, 3)
         assert torch.equal(y[0], torch.zeros(3))
         assert y[1, 0] == -1.0 and y[1, 2] == 1.0
+
+
+@pytest.mark.parametrize("name", ["int4s", "int2s"])
+def test_stochastic_rounding_is_unbiased_deterministic_and_within_a_step(name):
+    """Nearest int2 turns 0.3 of the absmax into 0 every time; stochastic rounding sends the absmax with
+    probability 0.3, so the mean is kept. The same tensor always gives the same bytes (seeded by its CRC)."""
+    c, near = get_codec(name), get_codec(name[:-1])
+    x = torch.full((4, 20001), 0.3)
+    x[:, 0] = 1.0  # absmax 1: the step is 1 / qmax
+    x[1] *= -1
+    x[3, 1:] = torch.linspace(-1, 1, 20000)
+    assert c.encode(x) == c.encode(x.clone()) and c.nbytes(4, 20001) == near.nbytes(4, 20001)
+    y = c.decode(c.encode(x), 4, 20001)
+    step = 1 / near.qmax
+    assert float((y - x).abs().max()) <= step * 1.0001  # one step, not half a step
+    assert torch.allclose(y * near.qmax, torch.round(y * near.qmax), atol=1e-4)  # on the grid
+    for row in range(3):  # the mean survives: 20000 draws, standard error <= 0.5 step / sqrt(20000)
+        assert abs(float(y[row, 1:].mean() - x[row, 1:].mean())) < 0.02 * step
+    assert abs(float((y[3, 1:] - x[3, 1:]).mean())) < 0.02 * step
+    if name == "int2s":
+        assert float(near.decode(near.encode(x), 4, 20001)[0, 1:].abs().max()) == 0.0  # nearest: all lost
+    other = c.decode(c.encode(x + 1e-7), 4, 20001)  # another tensor, another draw
+    assert not torch.equal(other, y)
 
 
 def test_wrong_length_is_protocol_error():

@@ -15,10 +15,19 @@ largest-magnitude values, which travel exactly (u16 column, fp32 value). LLM hid
 is ~17), so a per-token absmax step set by them rounds every ordinary channel away: int8 of that
 act_down keeps 38 % relative error on the other channels, int8o 1.2 % (LLM.int8()'s outlier split,
 Dettmers et al. 2022, done per row).
+
+``int4s``, ``int2s``: int4 / int2 with stochastic rounding (QSGD, Alistarh et al., 2017): each value
+rounds up with probability equal to its distance from the step below, so the decoded tensor is an unbiased
+estimate of the input. Nearest rounding is biased where a row is heavy-tailed: int2 turns every value under
+half the row's absmax into 0, and a backward gradient sent so loses most of its small values on every step
+(bench/results/stream_distortion.md). The dither is drawn from a generator seeded with a CRC of the input
+bytes, so encode stays a pure function: the same tensor gives the same bytes in simulation, in deployment
+and after a resume. Decoding is the nearest-rounding codec's.
 """
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -73,9 +82,16 @@ class _Float(Codec):
 class _Int(Codec):
     """Symmetric per-token quantisation: q = round(x / s), s = absmax(row) / qmax."""
 
-    def __init__(self, name: str, code: int, bits: int):
-        self.name, self.code, self.bits = name, code, bits
+    def __init__(self, name: str, code: int, bits: int, stochastic: bool = False):
+        self.name, self.code, self.bits, self.stochastic = name, code, bits, stochastic
         self.qmax = 2 ** (bits - 1) - 1
+
+    def _round(self, v: torch.Tensor) -> torch.Tensor:
+        if not self.stochastic:
+            return torch.round(v)
+        # floor(v + u), u ~ U[0, 1): E = v. Seeded by the input so the same tensor gives the same bytes.
+        u = np.random.default_rng(zlib.crc32(v.numpy().tobytes())).random(v.shape, dtype=np.float32)
+        return torch.floor(v + torch.from_numpy(u))
 
     def nbytes(self, t, h):
         per_byte = 8 // self.bits
@@ -85,7 +101,7 @@ class _Int(Codec):
         x = x.detach().to("cpu", torch.float32)
         scale = x.abs().amax(dim=1) / self.qmax  # [T]
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.clamp(torch.round(x / scale[:, None]), -self.qmax, self.qmax).to(torch.int8).numpy()
+        q = torch.clamp(self._round(x / scale[:, None]), -self.qmax, self.qmax).to(torch.int8).numpy()
         if self.bits < 8:
             per_byte, mask = 8 // self.bits, (1 << self.bits) - 1
             flat = (q.reshape(-1) & mask).astype(np.uint8)
@@ -162,7 +178,8 @@ class _Outliers(Codec):
 
 
 _BASE = (_Float("fp32", 0, torch.float32), _Float("fp16", 1, torch.float16), _Float("bf16", 2, torch.bfloat16),
-         _Int("int8", 3, 8), _Int("int4", 4, 4), _Int("int2", 5, 2), _Sign())
+         _Int("int8", 3, 8), _Int("int4", 4, 4), _Int("int2", 5, 2), _Sign(),
+         _Int("int4s", 11, 4, stochastic=True), _Int("int2s", 12, 2, stochastic=True))
 _BY_NAME = {c.name: c for c in _BASE}
 CODECS: dict[str, Codec] = {c.name: c for c in (*_BASE, *(
     _Outliers(_BY_NAME[b], code) for b, code in (("int8", 7), ("int4", 8), ("int2", 9), ("sign1", 10))))}
