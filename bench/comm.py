@@ -178,6 +178,12 @@ ROWS: dict[str, list[str]] = {
     "ushape+int4o+grad_down-int4+adapter-int4": _ushape("{act_up: int4o, act_down: int4o}",
                                                         "{grad_up: int4o, grad_down: int4}", "int4",
                                                         {"grad_down": "int4"}),
+    # the leanest row above lost quality in epoch 2 (+1.4 % val ppl after epoch 1, +3.2 % after epoch 2), when
+    # its refreshes began: int2 act_up and int2o act_down DELTAs. SFL's `all+int4o` refreshes act_up in int4 and
+    # gained back (+1.0 % to +0.3 %): the same with int4 refreshes on every stream
+    "ushape+int4o+int4-deltas+adapter-int4": _ushape("{act_up: int4o, act_down: int4o}",
+                                                     "{grad_up: int4o, grad_down: int4}", "int4",
+                                                     {"act_up": "int4", "act_down": "int4o", "grad_down": "int4"}),
     "ushape+codec-map+adapter-int2": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "int2"),
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),

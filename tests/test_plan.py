@@ -73,6 +73,7 @@ FINGERPRINTS = {
     "ushape+int4o+grad_down-int4": "89b63f276afeb4ca",
     "ushape+codec-map+adapter-int4": "1442670ea9dae56e",
     "ushape+int4o+grad_down-int4+adapter-int4": "893cf35815645d2f",
+    "ushape+int4o+int4-deltas+adapter-int4": "24f273c1291e68ef",
     "ushape+codec-map+adapter-int2": "b3159b5e932e2a31",
     "ushape+codec-map+adapter-int2+grad_up-int4o": "97868aec2ea46fde",
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": "42f1b43439b4aaa6",
