@@ -15,6 +15,9 @@ measure, not a quality result: the rows of bench/comm.py say what training makes
 
     .venv/bin/python bench/stream_distortion.py --run runs/regime/ushape+codec-map \\
         --trained runs/regime/baseline --batches 4
+
+With ``--previous`` (the adapter one epoch before ``--trained``) it adds the refreshes: each stream sent as a
+DELTA against, or REUSEd from, the receiver's copy of the tensor one epoch earlier.
 """
 
 from __future__ import annotations
@@ -59,10 +62,13 @@ CONFIGS: dict[str, dict[str, str]] = {
 }
 
 
-def roundtrip(x: torch.Tensor, codec: str | None, lengths: list[int]) -> torch.Tensor:
-    """What the receiver decodes: each sample's real tokens through the codec, pad rows zero."""
+def roundtrip(x: torch.Tensor, codec, lengths: list[int]) -> torch.Tensor:
+    """What the receiver decodes: each sample's real tokens through the codec, pad rows zero. ``codec`` may
+    also be a function (x, lengths) -> what the receiver holds (a refresh, a reuse, a recording)."""
     if codec is None:
         return x
+    if callable(codec):
+        return codec(x, lengths)
     c = get_codec(codec)
     rows = [c.decode(c.encode(r), r.shape[0], r.shape[1]).to(x.dtype) for r in unpad(x.detach(), lengths)]
     return pad(rows, x.shape[1]).to(x.device)
@@ -100,6 +106,77 @@ def step(s, batch, cut: int, tail: int, codecs: dict[str, str]) -> tuple[float, 
         part = "head" if i < cut else "tail" if i >= sm.num_layers - tail else "server"
         parts[part].append(p.grad.detach().reshape(-1).double())  # fp64: a cosine over ~10^6 values
     return float(loss), {k: torch.cat(v) for k, v in parts.items() if v}
+
+
+# refreshes (issue 18, U-shape): the receiver holds the sample's tensor from one epoch earlier, decoded from
+# its FULL codec; name -> stream, FULL codec, then the DELTA codec of the residual, or None: a REUSE of the copy
+REFRESHES: dict[str, tuple[str, str, str | None]] = {
+    "act_up REUSE": ("act_up", "int4o", None),
+    "act_up DELTA int2": ("act_up", "int4o", "int2"),
+    "act_up DELTA int4": ("act_up", "int4o", "int4"),
+    "act_up DELTA sign1o": ("act_up", "int4o", "sign1o"),
+    "act_down REUSE": ("act_down", "int4o", None),
+    "act_down DELTA int2o": ("act_down", "int4o", "int2o"),
+    "act_down DELTA int4o": ("act_down", "int4o", "int4o"),
+    "grad_up REUSE": ("grad_up", "int4o", None),
+    "grad_up DELTA int4": ("grad_up", "int4o", "int4"),
+    "grad_down REUSE": ("grad_down", "int4", None),
+    "grad_down DELTA int4": ("grad_down", "int4", "int4"),
+}
+
+
+def record(store: dict[str, torch.Tensor], key: str):
+    def f(x, lengths):
+        store[key] = x.detach().clone()
+        return x
+    return f
+
+
+def refresh(prev: torch.Tensor, full: str, delta: str | None):
+    """What the receiver holds after a refresh: its copy (``prev`` as ``full`` decoded it) plus the decoded
+    residual against that copy (the sender's mirror is that copy), or the copy alone (a REUSE)."""
+    def f(x, lengths):
+        copy = roundtrip(prev, full, lengths)
+        return copy if delta is None else copy + roundtrip(x - copy, delta, lengths)
+    return f
+
+
+def compare(name: str, rows: list, exact: list) -> str:
+    """One table line: loss change, LoRA-gradient cosines by part, norm error, cosine of the summed head
+    gradient (a biased error keeps its cosine as batches add up; an unbiased one averages out)."""
+    n = len(exact)
+    dl = sum(abs(r[0] - e[0]) / e[0] for r, e in zip(rows, exact, strict=True)) / n
+    cos = {k: sum(float(torch.nn.functional.cosine_similarity(r[1][k], e[1][k], dim=0))
+                  for r, e in zip(rows, exact, strict=True)) / n for k in exact[0][1]}
+    norm = sum(abs(float(torch.cat(list(r[1].values())).norm() / torch.cat(list(e[1].values())).norm()) - 1)
+               for r, e in zip(rows, exact, strict=True)) / n
+    cos_sum = float(torch.nn.functional.cosine_similarity(sum(r[1]["head"] for r in rows),
+                                                          sum(e[1]["head"] for e in exact), dim=0))
+    return (f"| {name} | {dl:.2e} | {cos.get('head', float('nan')):.5f} | {cos['server']:.5f} | "
+            f"{cos.get('tail', float('nan')):.5f} | {norm:.2e} | {cos_sum:.5f} |")
+
+
+HEADER = ["| codecs | loss | cos head | cos server | cos tail | norm | cos head, sum over batches |",
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+
+def refresh_table(s, a, data, cut: int, tail: int, exact: list) -> list[str]:
+    """Each stream's refresh (or reuse) alone, the receiver holding what --previous's adapter produced."""
+    current = s.bank.state(GLOBAL)
+    load_global_adapter(s, Path(a.previous))
+    prev: list[dict[str, torch.Tensor]] = [{} for _ in data]
+    for b, store in zip(data, prev, strict=True):
+        step(s, b, cut, tail, {k: record(store, k) for k in STREAMS})
+    s.bank.load(GLOBAL, current)
+    lines = ["", f"## Refreshes: the receiver holds each sample's tensor from `{a.previous}`'s adapter", "",
+             "Each stream alone; its copy is that tensor through the FULL codec named, a REUSE keeps the copy, "
+             "a DELTA adds the decoded residual (exact first: loss and cosines against the exact split).", "",
+             *HEADER]
+    for name, (stream, full, delta) in REFRESHES.items():
+        rows = [step(s, b, cut, tail, {stream: refresh(p[stream], full, delta)}) for b, p in zip(data, prev, strict=True)]
+        lines.append(compare(f"{name} (copy {full})", rows, exact))
+        print(lines[-1], flush=True)
+    return lines
 
 
 def adapter_table(s, a, init: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], cut: int,
@@ -141,6 +218,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", help="write the table here (markdown) as well as printing it")
     ap.add_argument("--streams-only", action="store_true", help="skip the adapter-codec table (about 20 min)")
+    ap.add_argument("--previous", help="a run folder (or epochs/N of one) whose adapter/ is the state one epoch "
+                    "before --trained: adds the refresh table (DELTA and REUSE against that epoch's tensors)")
     ap.add_argument("--only", nargs="+", metavar="NAME", help=f"these configurations only (of: {', '.join(CONFIGS)})")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -148,8 +227,11 @@ def main() -> int:
     cut, tail = cfg.split.cut_layer, cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
     if tail == 0:
         sys.exit(f"{a.run}: split.mode is {cfg.split.mode}; this script measures the four U-shape streams")
-    if a.trained and not (Path(a.trained) / "adapter" / "adapter_model.safetensors").is_file():
-        sys.exit(f"{a.trained}: no adapter/adapter_model.safetensors (--trained takes a run folder)")
+    for flag, run in (("--trained", a.trained), ("--previous", a.previous)):
+        if run and not (Path(run) / "adapter" / "adapter_model.safetensors").is_file():
+            sys.exit(f"{run}: no adapter/adapter_model.safetensors ({flag} takes a run folder)")
+    if a.previous and not a.trained:
+        sys.exit("--previous needs --trained (the state one epoch later)")
     unknown = sorted(set(a.only or []) - set(CONFIGS))
     if unknown:
         sys.exit(f"--only: unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
@@ -161,24 +243,14 @@ def main() -> int:
     data = batches(s.train[: a.batches * cfg.train.batch_size], cfg.train.batch_size, s.pad_id)
     exact = [step(s, b, cut, tail, {}) for b in data]
     lines = [f"# Stream distortion: `{a.run}`, adapter of `{a.trained or 'LoRA init'}`, {len(data)} batches of "
-             f"{cfg.train.batch_size}", "",
-             "| codecs | loss | cos head | cos server | cos tail | norm | cos head, sum over batches |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    exact_sum = sum(e[1]["head"] for e in exact)
+             f"{cfg.train.batch_size}", "", *HEADER]
     for name, codecs in CONFIGS.items():
         if a.only and name not in a.only and name != "exact":
             continue
-        rows = [step(s, b, cut, tail, codecs) for b in data]
-        # a biased error keeps its cosine as batches add up; an unbiased one averages out
-        cos_sum = float(torch.nn.functional.cosine_similarity(sum(r[1]["head"] for r in rows), exact_sum, dim=0))
-        dl = sum(abs(r[0] - e[0]) / e[0] for r, e in zip(rows, exact, strict=True)) / len(data)
-        cos = {k: sum(float(torch.nn.functional.cosine_similarity(r[1][k], e[1][k], dim=0))
-                      for r, e in zip(rows, exact, strict=True)) / len(data) for k in exact[0][1]}
-        norm = sum(abs(float(torch.cat(list(r[1].values())).norm() / torch.cat(list(e[1].values())).norm()) - 1)
-                   for r, e in zip(rows, exact, strict=True)) / len(data)
-        lines.append(f"| {name} | {dl:.2e} | {cos.get('head', float('nan')):.5f} | {cos['server']:.5f} | "
-                     f"{cos.get('tail', float('nan')):.5f} | {norm:.2e} | {cos_sum:.5f} |")
+        lines.append(compare(name, [step(s, b, cut, tail, codecs) for b in data], exact))
         print(lines[-1], flush=True)
+    if a.previous:
+        lines += refresh_table(s, a, data, cut, tail, exact)
     if a.trained and not a.streams_only:
         lines += adapter_table(s, a, init, s.bank.state(GLOBAL), cut, tail)
     if a.out:
