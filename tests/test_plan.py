@@ -83,6 +83,7 @@ FINGERPRINTS = {
     # ends (server_adapters is not a stream knob); summary_norm is not in the fingerprint (tests/test_temporal.py)
     "shared": "400027e4a86bc867",
     "all+int4o": "378d721ad3e3764d",
+    "shared+all+int4o": "378d721ad3e3764d",  # the same streams; the server's adapters are not in the plan
     "all+channel": "a58b3eeefd2efddc",
     "fl+int8-delta-zstd": None,
     "all+grad-int4": "c2c35bb4ce6eb65c",
