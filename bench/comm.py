@@ -96,7 +96,7 @@ ROWS: dict[str, list[str]] = {
               "compression.prefix=true", "compression.entropy=zstd"],
     "all": ALL,
     "all+channel": [*ALL, f"{T}.summary_norm=channel"],  # reuse decided on a channel-normalised summary
-    "all+int4o": [*ALL, "compression.codec=int4o"],  # first sights at 4 bits, outlier channels kept at 16
+    "all+int4o": [*ALL, "compression.codec=int4o"],  # first sights at 4 bits, each token's 4 largest values exact
     # grad_down too (fp32 in `all`): int4 first sights, so a client's bytes per round can go below federated
     # LoRA's adapter exchange (issue 21)
     "all+grad-int4": [*ALL, "compression.grad_codec=int4"],
