@@ -365,7 +365,9 @@ def main() -> int:
         same = diff == []
         # the same row with more epochs (--epochs N) trains on from its last checkpoint
         longer = diff == ["train.epochs"] and cfg.train.epochs > old.train.epochs
-        if same and done.is_file():
+        # a summary left by a shorter run (its config since lengthened in place) does not count as finished
+        finished = done.is_file() and json.loads(done.read_text()).get("epochs") == cfg.train.epochs
+        if same and finished:
             s = json.loads(done.read_text())  # the same row already finished: reuse it
         else:  # an unfinished (or lengthened) row goes on from its last epoch's checkpoint
             s = run(cfg, where, progress=False, resume=(same or longer) and (where / CHECKPOINT).is_file())

@@ -174,6 +174,21 @@ def test_resume_after_a_crash(tmp_path, monkeypatch, over, exact):
         assert sum(t["reuse"] + t["delta"] for t in full["transfers_by_stream"].values()) > 0
 
 
+def test_a_lengthened_run_cut_short_leaves_no_stale_summary(tmp_path, monkeypatch):
+    """Lengthening a finished 1-epoch run to 3 and dying after epoch 2: summary.json no longer holds the
+    1-epoch figures beside the 3-epoch config (a benchmark would take it for the finished row); the resumed
+    run writes the 3-epoch summary."""
+    run(tiny_cfg(**{"train.epochs": 1}), tmp_path, progress=False)
+    monkeypatch.setenv("SPLITCOM_FAULT_RUN_EXIT_AFTER_EPOCHS", "2")
+    with pytest.raises(RuntimeError, match="fault injection"):
+        run(tiny_cfg(**{"train.epochs": 3}), tmp_path, progress=False, resume=True)
+    assert not (tmp_path / "summary.json").exists()
+    assert "epochs: 3" in (tmp_path / "config.yaml").read_text()
+    monkeypatch.delenv("SPLITCOM_FAULT_RUN_EXIT_AFTER_EPOCHS")
+    done = run(tiny_cfg(**{"train.epochs": 3}), tmp_path, progress=False, resume=True)
+    assert done["epochs"] == 3 == json.loads((tmp_path / "summary.json").read_text())["epochs"]
+
+
 def test_checkpoint_comes_before_the_epochs_events(tmp_path, monkeypatch):
     """A crash between epoch 1's checkpoint and its `eval` event: metrics.jsonl does not claim epoch 1 yet,
     `--resume` finds it, and the resumed log equals an uninterrupted run's."""

@@ -85,6 +85,9 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
     ckpt = load_checkpoint(out, cfg) if resume else None
     if ckpt is None or load_config(out / "config.yaml").train.epochs != cfg.train.epochs:  # new, or lengthened
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        # a lengthened run is unfinished again: the shorter run's summary.json must not pass for this one's
+        # (a crash before the new last epoch would otherwise leave the old figures beside the new config)
+        (out / "summary.json").unlink(missing_ok=True)
     t0 = time.perf_counter() - (ckpt["wall_s"] if ckpt else 0.0)
     s = prepare(cfg)
     log = RunLog(out / "metrics.jsonl", keep_bytes=ckpt["metrics_bytes"] if ckpt else None,
