@@ -89,6 +89,10 @@ ROWS: dict[str, list[str]] = {
     # `shared` learns far faster (val ppl 3.856 after 2 epochs against 4.481; centralized 3.806) and its act_up
     # drifts 20x less between sightings (median 1 - cos 6.5e-5 against 1.3e-3): `all+int4o` on it
     "shared+all+int4o": ["federation.server_adapters=shared", *ALL, "compression.codec=int4o"],
+    # refreshes that share prompts as first sights do (compression.prefix_refresh): in shared+all+int4o's epoch 3
+    # a refresh cost about twice a first sight, as it resent the prompt the first sight had taken by key
+    "shared+all+int4o+prefix-refresh": ["federation.server_adapters=shared", *ALL, "compression.codec=int4o",
+                                        "compression.prefix_refresh=true"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],
@@ -268,7 +272,7 @@ def reference_rows(args) -> dict:
 
 # what a fork may change (--fork-from): codecs only; the thresholds and controller state come from the checkpoint
 FORKABLE = ("compression.codec", "compression.grad_codec", "compression.temporal.delta_codec",
-            "compression.adapter_delta_codec", "train.epochs")
+            "compression.adapter_delta_codec", "compression.prefix_refresh", "train.epochs")
 
 
 def fork(parent: Path, cfg, where: Path) -> None:

@@ -84,6 +84,7 @@ FINGERPRINTS = {
     "shared": "400027e4a86bc867",
     "all+int4o": "378d721ad3e3764d",
     "shared+all+int4o": "378d721ad3e3764d",  # the same streams; the server's adapters are not in the plan
+    "shared+all+int4o+prefix-refresh": "656dea1ec57eb928",
     "all+channel": "a58b3eeefd2efddc",
     "fl+int8-delta-zstd": None,
     "all+grad-int4": "c2c35bb4ce6eb65c",
@@ -184,7 +185,8 @@ def _outgoing(e) -> list:
     return [e.stream.name, e.codec.name, e.delta_codec.name, s is not None, None if s is None else s.max_reuse_streak,
             e.threshold, e.summary_of, None if e.mirror is None else e.mirror.store, e.prefix is not None, e.entropy,
             None if r is None else [list(r.shape), round(float(r.double().abs().sum()), 6)]] + \
-        ([["budget", e.budget, list(e.levels)]] if e.budget is not None else [])  # added with bangbang.budget
+        ([["budget", e.budget, list(e.levels)]] if e.budget is not None else []) + \
+        ([["prefix_refresh"]] if e.plan.prefix_refresh else [])  # added with compression.prefix_refresh
 
 
 def _incoming(e) -> list:

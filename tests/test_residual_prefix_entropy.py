@@ -30,17 +30,19 @@ H = 16
 
 
 def _pair(refresh="delta", delta_codec="int4", prefix=False, threshold=0.9):
+    """``prefix``: False, True, or "refresh" (shared prefixes in DELTA refreshes too)."""
     out = Outgoing(Stream.act_up, "int8", H, reuse=True, projection_dim=4, seed=3, threshold=threshold,
-                   refresh=refresh, delta_codec=delta_codec, prefix=prefix)
-    inc = Incoming(Stream.act_up, H, reuse=True, prefix=prefix)
+                   refresh=refresh, delta_codec=delta_codec, prefix=bool(prefix), prefix_refresh=prefix == "refresh")
+    inc = Incoming(Stream.act_up, H, reuse=True, prefix=bool(prefix))
     return out, inc
 
 
 @pytest.mark.parametrize("delta_codec", ["sign1", "int2o", "int2", "int4", "int8", "fp32"])
-@pytest.mark.parametrize("prefix", [False, True])
+@pytest.mark.parametrize("prefix", [False, True, "refresh"])
 def test_mirror_equals_receiver_bit_for_bit(delta_codec, prefix):
     """Random sequences of drift: every sample goes FULL, REUSE or DELTA (and PREFIX with prefix
-    sharing), through serde; after each message the sender's mirror is the receiver's tensor, bit for bit."""
+    sharing, and DELTA after a PREFIX with prefix_refresh), through serde; after each message the sender's
+    mirror is the receiver's tensor, bit for bit, and so are the registered prefixes."""
     rng, g = random.Random(0), torch.Generator().manual_seed(0)
     out, inc = _pair(delta_codec=delta_codec, prefix=prefix)
     lengths = {sid: rng.randint(3, 9) for sid in range(6)}
@@ -56,12 +58,14 @@ def test_mirror_equals_receiver_bit_for_bit(delta_codec, prefix):
             else:
                 x[sid] = x[sid] + rng.choice([0.01, 0.5, 2.0]) * torch.randn(x[sid].shape, generator=g)
         msg = out.message(0, step, sids, [x[s] for s in sids], tokens=[prompts[s] for s in sids] if prefix else None)
-        kinds |= {"reuse" if s.reuse else "delta" if s.delta else "prefix" if s.prefix else "full" for s in msg.samples}
+        kinds |= {"reuse" if s.reuse else ("prefix-delta" if s.delta and s.prefix and s.prefix.ref_len else "delta")
+                  if s.delta else "prefix" if s.prefix else "full" for s in msg.samples}
         rows = inc.decode(serde.decode(serde.encode(msg)))
         for sid, row in zip(sids, rows, strict=True):
             assert torch.equal(out.mirror.get(sid, lengths[sid]), row)
             assert torch.equal(inc.receiver.get(sid, lengths[sid]), row)
     assert {"reuse", "delta", "prefix" if prefix else "full"} <= kinds
+    assert ("prefix-delta" in kinds) == (prefix == "refresh")
     if prefix:
         for key, entry in out.prefix.entries.items():
             assert torch.equal(entry.held, inc.prefixes.rows[key])
@@ -145,6 +149,64 @@ def test_prefix_rows_are_sent_once_within_a_batch():
     # ...a drifted one registers the prompt afresh
     moved = out.message(0, 2, [5], [torch.randn(6, H, generator=g)], tokens=[tokens[0]])
     assert moved.samples[0].prefix == PrefixRef(0, 0, prefix_key(tokens[0]), 5)
+
+
+def test_refreshes_share_the_prompt_with_prefix_refresh():
+    """Three samples with one prompt, all drifted since their first sight: with prefix_refresh the first
+    refreshes its whole tensor and registers its prompt; the others code the change of their completion
+    rows only and take the refreshed prompt rows by key. The receiver ends exactly where the sender's
+    mirror says, as close to the new tensors as plain DELTAs get it; the bytes saved are the prompts'."""
+    g = torch.Generator().manual_seed(4)
+    prompt, ends = torch.randn(5, H, generator=g), [torch.randn(k, H, generator=g) for k in (2, 3, 4)]
+    tokens = [(7, 8, 9, 10, 11)] * 3
+    first = [torch.cat([prompt, e]) for e in ends]
+    drift = 0.3 * torch.randn(5, H, generator=g)  # the prompt moved alike in all three (same forward pass)
+    later = [torch.cat([prompt + drift, e + 0.3 * torch.randn(e.shape, generator=g)]) for e in ends]
+    sizes = {}
+    for mode in (True, "refresh"):
+        out, inc = _pair(prefix=mode, threshold=2.0)  # above any cosine: never REUSE
+        inc.decode(serde.decode(serde.encode(out.message(0, 0, [0, 1, 2], first, tokens=tokens))))
+        msg = out.message(0, 1, [0, 1, 2], later, tokens=tokens)
+        assert all(s.delta for s in msg.samples)
+        got = inc.decode(serde.decode(serde.encode(msg)))
+        for sid, row in enumerate(got):
+            assert torch.equal(out.mirror.get(sid, row.shape[0]), row)
+            assert (row - later[sid]).abs().max() < 0.1
+        sizes[mode] = [len(s.payload) for s in msg.samples]
+        if mode == "refresh":
+            key = prefix_key(tokens[0])
+            assert [s.prefix for s in msg.samples] == [PrefixRef(0, 0, key, 5), PrefixRef(key, 5, 0, 0),
+                                                       PrefixRef(key, 5, 0, 0)]
+            assert torch.equal(got[1][:5], got[0][:5]) and torch.equal(inc.prefixes.rows[key], got[0][:5])
+            assert torch.equal(out.prefix.entries[key].held, got[0][:5])
+    rows = lambda n: n * (H // 2 + 4)  # noqa: E731  int4: H/2 bytes and a 4-byte scale per row
+    assert sizes[True] == [rows(7), rows(8), rows(9)]
+    assert sizes["refresh"] == [rows(7), rows(3), rows(4)]
+
+
+def test_a_prefixed_delta_needs_the_held_copy_and_the_key():
+    """DELTA after a PREFIX: an unknown sample id or key, or prefix sharing off, is a ProtocolError naming
+    the field; a payload that does not cover the rows after the prefix is refused by serde."""
+    out, inc = _pair(prefix="refresh")
+    inc.decode(out.message(0, 0, [1], [torch.ones(4, H)], tokens=[(1, 2)]))
+    bad_key = TensorMsg(Stream.act_up, 0, 1, "int8", H, [SampleTensor(1, 4, bytes(2 * (H // 2 + 4)), delta=True,
+                                                                       prefix=PrefixRef(99, 2, 0, 0))], delta_codec="int4")
+    with pytest.raises(ProtocolError, match="never registered") as err:
+        inc.decode(serde.decode(serde.encode(bad_key)))
+    assert err.value.field == "samples[0].prefix.ref_key"
+    unknown = TensorMsg(Stream.act_up, 0, 1, "int8", H, [SampleTensor(5, 4, bytes(2 * (H // 2 + 4)), delta=True,
+                                                                       prefix=PrefixRef(prefix_key((1, 2)), 2, 0, 0))],
+                        delta_codec="int4")
+    with pytest.raises(ProtocolError, match="DELTA for sample id 5") as err:
+        inc.decode(serde.decode(serde.encode(unknown)))
+    assert err.value.field == "samples[0].sample_id"
+    with pytest.raises(ProtocolError, match="prefix sharing is off"):
+        Incoming(Stream.act_up, H, reuse=True).decode(bad_key)
+    short = TensorMsg(Stream.act_up, 0, 1, "int8", H, [SampleTensor(1, 4, bytes(4 * (H // 2 + 4)), delta=True,
+                                                                     prefix=PrefixRef(99, 2, 0, 0))], delta_codec="int4")
+    with pytest.raises(ProtocolError, match="payload_len") as err:
+        serde.decode(serde.encode(short))
+    assert err.value.field == "samples[0].payload_len"
 
 
 def test_prefix_reference_to_an_unknown_key_is_a_protocol_error():
@@ -269,6 +331,7 @@ def test_per_stream_thresholds_parse_and_apply():
     ("compression.codec={act_up: int8, grad_up: int8}", "compression.codec"),
     ("compression.grad_codec={grad_dn: int8}", "compression.grad_codec"),
     ("compression.grad_codec={grad_up: int9}", "compression.grad_codec"),
+    ("compression.prefix_refresh=true", "compression"),  # needs prefix and DELTA refreshes of act_up
 ])
 def test_bad_compression_keys_name_the_key(override, key):
     with pytest.raises(UserError) as err:
@@ -289,3 +352,9 @@ def test_run_with_everything_on_trains_and_sends_less(tmp_path):
     assert s["bytes_by_stream"]["adapters_up"] < base["bytes_by_stream"]["adapters_up"]
     assert abs(s["val_loss"] - base["val_loss"]) < 0.05 * base["val_loss"]
     assert s["client_cache_bytes"] > 0
+    # prefix_refresh: the refreshes share prompts as first sights do, and nothing else changes
+    p = run(tiny_cfg(**on, **{"compression.prefix_refresh": True}), tmp_path / "refresh", progress=False)
+    pact = p["transfers_by_stream"]["act_up"]
+    assert pact["delta"] > 0 and pact["prefix_rows_shared"] > act["prefix_rows_shared"]
+    assert pact["delta_bytes"] < act["delta_bytes"] * pact["delta"] / act["delta"]  # less per refresh
+    assert abs(p["val_loss"] - s["val_loss"]) < 0.01 * s["val_loss"]

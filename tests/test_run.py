@@ -133,6 +133,9 @@ VOLATILE = {"wall_s", "peak_rss_bytes"}
     ({"compression.temporal.enabled": True, "compression.temporal.threshold": 0.3, "compression.temporal.refresh":
       "delta", "compression.prefix": True, "compression.codec": "int8", "compression.adapter_refresh": "delta",
       "compression.entropy": "zstd"}, True),
+    # refreshes that share prompts (prefix_refresh): the registry is refreshed mid-epoch, and goes on exactly
+    ({"compression.temporal.enabled": True, "compression.temporal.threshold": 0.999, "compression.temporal.refresh":
+      "delta", "compression.prefix": True, "compression.prefix_refresh": True, "compression.codec": "int4o"}, True),
     ({"federation.mode": "fl"}, True),  # federated LoRA: the clients' full-model optimizer state, adapter mirrors
     ({"federation.mode": "fl", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
       "compression.entropy": "zstd", "federation.aggregate_every": 1}, True),

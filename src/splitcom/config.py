@@ -345,6 +345,11 @@ class CompressionCfg(_Strict):
         False, description="Shared prompt prefixes on act_up: samples whose prompts start with the same "
         "tokens send those activation rows once and reference them by key (exact within a batch; across "
         "batches only when the summary test of temporal reuse passes at the act_up threshold).")
+    prefix_refresh: bool = Field(
+        False, description="With prefix and temporal.refresh=delta on act_up: a drifted sample's DELTA refresh "
+        "shares prompt prefixes too (its prompt rows come from a prefix refreshed earlier, and the DELTA codes "
+        "the remaining rows only). Without it a refresh resends the whole prompt, so in long runs refreshes "
+        "cost more than first sights.")
     adapter_codec: Codec = Field(
         "fp32", description="Codec of the LoRA matrices exchanged every round (adapters_up/adapters_down); "
         "the server averages the decoded uploads and clients load the decoded download.")
@@ -367,6 +372,16 @@ class CompressionCfg(_Strict):
     @classmethod
     def _grad_codecs(cls, v: Any) -> Any:
         return _kind_map(v, "grad", "codec")
+
+    @model_validator(mode="after")
+    def _prefix_refresh_needs_both(self) -> CompressionCfg:
+        t = self.temporal
+        if self.prefix_refresh and not (self.prefix and t.enabled and "act_up" in t.streams and t.refresh == "delta"):
+            raise ValueError("prefix_refresh shares prompt prefixes in act_up's DELTA refreshes; it needs prefix: "
+                             "true and temporal.enabled: true, temporal.refresh: delta with act_up in "
+                             f"temporal.streams (got prefix {self.prefix}, enabled {t.enabled}, refresh "
+                             f"{t.refresh!r}, streams {t.streams})")
+        return self
 
 
 class LoggingCfg(_Strict):

@@ -25,8 +25,8 @@ PREFIX_BYTES = serde.PREFIX.size  # ref_key u64 | ref_len u32 | own_key u64 | ow
 
 class Outgoing:
     """One sending end. Per sample, in order: REUSE when the summary test passes; else DELTA against the
-    receiver's copy (``refresh=delta``, same length); else FULL, with the rows after a shared prompt
-    prefix only (``prefix``). It mirrors what the receiver holds (``held``) wherever a later decision
+    receiver's copy (``refresh=delta``, same length; with ``prefix_refresh``, of the rows after a shared
+    prompt prefix only); else FULL, with the rows after a shared prompt prefix only (``prefix``). It mirrors what the receiver holds (``held``) wherever a later decision
     needs it: the sample's tensor for DELTA, a key's rows for PREFIX, the summary for ``decoded``."""
 
     def __init__(self, stream: Stream, codec: str, hidden: int, *, directory: str | None = None, **knobs):
@@ -102,6 +102,8 @@ class Outgoing:
         self.sent_full += 1
         if self.mirror is not None and sample_id in self.mirror and self.mirror.length(sample_id) == n:
             held = self.mirror.get(sample_id, n)
+            if self.prefix is not None and self.plan.prefix_refresh and tokens is not None:
+                return self._prefix_delta(sample_id, row, tuple(tokens[:n]), held)
             payload = self.delta_codec.encode(row.detach().to("cpu", torch.float32) - held)
             new = held + self.delta_codec.decode(payload, n, h)  # exactly the receiver's sum
             self._sent(sample_id, row, lambda: new)
@@ -128,6 +130,31 @@ class Outgoing:
         self.bytes_saved += saved
         self._sent(sample_id, row, lambda: held)
         return SampleTensor(sample_id, n, payload, prefix=PrefixRef(key, length, own_key, own_len))
+
+    def _prefix_delta(self, sample_id: int, row: torch.Tensor, tokens: tuple[int, ...],
+                      held: torch.Tensor) -> SampleTensor:
+        """A DELTA refresh that shares prompt prefixes as a first sight does (``prefix_refresh``): the prompt
+        rows come from a registered prefix that passes the summary test (one refreshed earlier in this
+        message: exact), the payload codes the change of the remaining rows only, and a prompt not covered
+        is registered with its refreshed rows for the samples after it. Without it every refresh of a
+        sample whose reference shares its meaning representation with 8 others resends the same prompt."""
+        n, h = row.shape[0], self.hidden
+        key, length = self.prefix.match(tokens, row, self.threshold, self._summarize)
+        payload = self.delta_codec.encode(row[length:].detach().to("cpu", torch.float32) - held[length:])
+        rest = held[length:] + self.delta_codec.decode(payload, n - length, h)  # exactly the receiver's sum
+        new = torch.cat([self.prefix.held(key, length), rest]) if length else rest
+        own_key = own_len = 0
+        if tokens and not (key and length == len(tokens)):  # the prompt is not all covered: register it
+            own_len = len(tokens)
+            own_key = self.prefix.register(tokens, self._summarize(row[:own_len]), new[:own_len])
+        self.prefix.rows_shared += length
+        saved = self.delta_codec.nbytes(n, h) - len(payload) - PREFIX_BYTES
+        self.prefix_bytes_saved += saved
+        self._sent(sample_id, row, lambda: new)
+        self.sent_delta += 1
+        self.delta_bytes += len(payload) + PREFIX_BYTES
+        self.bytes_saved += self.codec.nbytes(n, h) - len(payload) - PREFIX_BYTES
+        return SampleTensor(sample_id, n, payload, delta=True, prefix=PrefixRef(key, length, own_key, own_len))
 
     def message(self, client_id: int, step: int, sample_ids, rows, scalar: float = 0.0,
                 skip: set[int] | None = None, tokens: list[tuple[int, ...]] | None = None) -> TensorMsg:
@@ -258,13 +285,21 @@ class Incoming:
             if s.reuse:
                 rows.append(self.receiver.get(s.sample_id, s.length, field=f"{where}.sample_id"))
                 continue
+            if s.prefix is not None and self.prefixes is None:
+                raise ProtocolError(f"PREFIX for sample id {s.sample_id}, but prefix sharing is off on "
+                                    f"{self.stream.name}", field=where)
             if s.delta:
                 held = self.receiver.get(s.sample_id, s.length, field=f"{where}.sample_id", what="DELTA")
-                x = held + delta_codec.decode(s.payload, s.length, msg.hidden)
+                if s.prefix is None:
+                    x = held + delta_codec.decode(s.payload, s.length, msg.hidden)
+                else:  # the prompt rows from a shared prefix, the change of the rest (prefix_refresh)
+                    p = s.prefix
+                    rest = held[p.ref_len:] + delta_codec.decode(s.payload, s.length - p.ref_len, msg.hidden)
+                    x = torch.cat([self.prefixes.get(p.ref_key, p.ref_len, f"{where}.prefix.ref_key", staged),
+                                   rest]) if p.ref_len else rest
+                    if p.own_key:
+                        staged[p.own_key] = x[: p.own_len].clone()
             elif s.prefix is not None:
-                if self.prefixes is None:
-                    raise ProtocolError(f"PREFIX for sample id {s.sample_id}, but prefix sharing is off on "
-                                        f"{self.stream.name}", field=where)
                 p = s.prefix
                 rest = codec.decode(s.payload, s.length - p.ref_len, msg.hidden)
                 x = torch.cat([self.prefixes.get(p.ref_key, p.ref_len, f"{where}.prefix.ref_key", staged), rest]) \

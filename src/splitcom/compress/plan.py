@@ -37,6 +37,7 @@ class StreamPlan:
     delta_codec: str = "int4"  # codec of DELTA payloads (of adapter deltas, for the adapter plan)
     store: str = "memory"  # where the receiver (and the sender's DELTA mirror) keeps tensors
     prefix: bool = False  # shared prompt prefixes (act_up only)
+    prefix_refresh: bool = False  # a DELTA refresh shares prompt prefixes too (needs prefix and refresh=delta)
     entropy: str = "none"  # lossless stage after the codec
     skip_reused: bool = False  # grad_down: no gradient for a sample whose activation was REUSEd
     measure_drift: bool = False  # a diagnostic: record the tensors' true drift between sightings (compress/drift.py)
@@ -87,6 +88,7 @@ def stream_plan(cfg: Config, side: Side) -> SidePlan:
                           threshold=t.threshold_of(s.name), projection_dim=t.projection_dim, seed=cfg.train.seed,
                           summary_of=t.summary_of, summary_norm=t.summary_norm, max_reuse_streak=t.max_reuse_streak, refresh=t.refresh,
                           delta_codec=t.delta_codec_of(s.name), store=t.store, prefix=c.prefix and s == Stream.act_up,
+                          prefix_refresh=c.prefix_refresh and s == Stream.act_up,
                           entropy=c.entropy, measure_drift=cfg.logging.drift, **budget(s.name),
                           skip_reused=s == Stream.grad_down and t.enabled and t.reused_grad == "skip")
 

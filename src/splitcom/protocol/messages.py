@@ -30,8 +30,9 @@ DIRECTION = {
 
 @dataclass(frozen=True)
 class PrefixRef:
-    """Prompt-prefix sharing on a FULL sample: rows ``[0, ref_len)`` are those the receiver keeps under
-    ``ref_key`` (the payload then codes rows ``[ref_len, length)`` only), and rows ``[0, own_len)`` of the
+    """Prompt-prefix sharing on a FULL sample (or a DELTA one, ``compression.prefix_refresh``): rows
+    ``[0, ref_len)`` are those the receiver keeps under ``ref_key`` (the payload then codes rows
+    ``[ref_len, length)`` only, or their change since the held copy), and rows ``[0, own_len)`` of the
     rebuilt tensor are kept under ``own_key`` for later samples. A key is 0 when absent."""
 
     ref_key: int = 0

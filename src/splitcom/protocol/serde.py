@@ -12,7 +12,9 @@ never compressed, so a transport can peek at the stream, the weight or the loss 
   then ``count`` samples, each: sample_id u64 | length u32 | kind u8 | payload_len u32 (17 bytes)
   followed by ``payload_len`` bytes. kind: 0 FULL (codec bytes of [length, hidden]), 1 REUSE and
   2 SKIP (no payload), 3 DELTA (delta_codec bytes of X - held), 4 PREFIX (ref_key u64 | ref_len u32 |
-  own_key u64 | own_len u32, then codec bytes of rows [ref_len, length)).
+  own_key u64 | own_len u32, then codec bytes of rows [ref_len, length)), 5 DELTA after a PREFIX (the
+  same 24 bytes, then delta_codec bytes of rows [ref_len, length) minus the held copy's rows;
+  ``compression.prefix_refresh``; a peer older than it names kind 5 as unknown).
   So an uncompressed TENSOR message is 32 + sum_i(17 + payload_i) bytes; fp32 payload_i = T_i * H * 4.
 - LABELS (type 2): entropy u8; per sample: sample_id u64 | length u32, then ``length`` int32 labels.
 - ADAPTER (type 3): stream u8 | weight f64 | cut u16 | codec u8 | entropy u8 | base u64, then per tensor:
@@ -65,7 +67,7 @@ TENSOR_HEADER_BYTES = HEADER.size + TENSOR_EXT.size  # 32
 SAMPLE_HEADER_BYTES = SAMPLE.size  # 17
 MAX_MESSAGE_BYTES = 1 << 30  # refuse anything larger before parsing it (compressed or not)
 TYPES = {TensorMsg: 1, LabelsMsg: 2, AdapterMsg: 3, ControlMsg: 4}
-FULL, REUSE, SKIP, DELTA, PREFIXED = 0, 1, 2, 3, 4
+FULL, REUSE, SKIP, DELTA, PREFIXED, PREFIXED_DELTA = 0, 1, 2, 3, 4, 5
 ENTROPY = {"none": 0, "zstd": 1}
 ENTROPY_BY_CODE = {v: k for k, v in ENTROPY.items()}
 ZSTD_LEVEL = 3  # zstd's own default: most of the gain of level 19 at a small fraction of its time
@@ -102,7 +104,8 @@ def encode(msg: Message) -> bytes:
             if s.prefix is not None:
                 p = s.prefix
                 payload = PREFIX.pack(p.ref_key, p.ref_len, p.own_key, p.own_len) + payload
-            sample_kind = SKIP if s.skip else REUSE if s.payload is None else DELTA if s.delta else \
+            sample_kind = SKIP if s.skip else REUSE if s.payload is None else \
+                (PREFIXED_DELTA if s.prefix is not None else DELTA) if s.delta else \
                 PREFIXED if s.prefix is not None else FULL
             parts.append(SAMPLE.pack(s.sample_id, s.length, sample_kind, len(payload)))
             parts.append(payload)
@@ -247,18 +250,20 @@ def _decode_tensor(r: _Reader, client_id: int, step: int, count: int) -> tuple[T
             c = codec if kind == FULL else delta_codec
             _expect(plen, c.nbytes(length, hidden), f"length {length} x hidden {hidden} in {c.name}", where)
             samples.append(SampleTensor(sid, length, r.take(plen, f"{where}.payload"), delta=kind == DELTA))
-        elif kind == PREFIXED:
+        elif kind in (PREFIXED, PREFIXED_DELTA):
             ref_key, ref_len, own_key, own_len = r.unpack(PREFIX, f"{where}.prefix")
             if ref_len > length or own_len > length or (ref_len and not ref_key) or (own_len and not own_key):
                 raise ProtocolError(f"prefix lengths ref {ref_len} / own {own_len} do not fit length {length} "
                                     "(or a length without its key)", field=f"{where}.prefix")
-            n = codec.nbytes(length - ref_len, hidden)
+            c = codec if kind == PREFIXED else delta_codec
+            n = c.nbytes(length - ref_len, hidden)
             _expect(plen, PREFIX.size + n, f"{PREFIX.size} + rows {length - ref_len} x hidden {hidden} in "
-                    f"{codec.name}", where)
-            samples.append(SampleTensor(sid, length, r.take(n, f"{where}.payload"),
+                    f"{c.name}", where)
+            samples.append(SampleTensor(sid, length, r.take(n, f"{where}.payload"), delta=kind == PREFIXED_DELTA,
                                         prefix=PrefixRef(ref_key, ref_len, own_key, own_len)))
         else:
-            raise ProtocolError(f"kind {kind} is not FULL, REUSE, SKIP, DELTA or PREFIX", field=f"{where}.kind")
+            raise ProtocolError(f"kind {kind} is not FULL, REUSE, SKIP, DELTA, PREFIX or PREFIX+DELTA",
+                                field=f"{where}.kind")
     return TensorMsg(stream, client_id, step, codec.name, hidden, samples, scalar, delta_codec.name, entropy), r
 
 
