@@ -116,20 +116,32 @@ class Outgoing:
             self._sent(sample_id, row, lambda: self.codec.decode(payload, n, h))
             return SampleTensor(sample_id, n, payload)
         tokens = tuple(tokens[:n])
+
+        def first_sight(length: int) -> tuple[bytes, torch.Tensor]:
+            payload = self.codec.encode(row[length:])
+            return payload, self.codec.decode(payload, n - length, h)
+
+        payload, held, ref = self._prefixed(row, tokens, first_sight)
+        saved = self.codec.nbytes(n, h) - self.codec.nbytes(n - ref.ref_len, h) - PREFIX_BYTES
+        self.prefix_bytes_saved += saved
+        self.bytes_saved += saved
+        self._sent(sample_id, row, lambda: held)
+        return SampleTensor(sample_id, n, payload, prefix=ref)
+
+    def _prefixed(self, row: torch.Tensor, tokens: tuple[int, ...], code) -> tuple[bytes, torch.Tensor, PrefixRef]:
+        """The rows after the longest registered prompt prefix that passes the summary test, coded by
+        ``code(length) -> (payload, the receiver's rows after the prefix)``; a prompt not all covered is
+        registered with the rows the receiver rebuilds. Returns the payload, those rebuilt rows ([T, H]) and
+        the reference."""
         key, length = self.prefix.match(tokens, row, self.threshold, self._summarize)
-        payload = self.codec.encode(row[length:])
-        rest = self.codec.decode(payload, n - length, h)
+        payload, rest = code(length)
         held = torch.cat([self.prefix.held(key, length), rest]) if length else rest
         own_key = own_len = 0
         if tokens and not (key and length == len(tokens)):  # the prompt is not all covered: register it
             own_len = len(tokens)
             own_key = self.prefix.register(tokens, self._summarize(row[:own_len]), held[:own_len])
         self.prefix.rows_shared += length
-        saved = self.codec.nbytes(n, h) - self.codec.nbytes(n - length, h) - PREFIX_BYTES
-        self.prefix_bytes_saved += saved
-        self.bytes_saved += saved
-        self._sent(sample_id, row, lambda: held)
-        return SampleTensor(sample_id, n, payload, prefix=PrefixRef(key, length, own_key, own_len))
+        return payload, held, PrefixRef(key, length, own_key, own_len)
 
     def _prefix_delta(self, sample_id: int, row: torch.Tensor, tokens: tuple[int, ...],
                       held: torch.Tensor) -> SampleTensor:
@@ -139,22 +151,18 @@ class Outgoing:
         is registered with its refreshed rows for the samples after it. Without it every refresh of a
         sample whose reference shares its meaning representation with 8 others resends the same prompt."""
         n, h = row.shape[0], self.hidden
-        key, length = self.prefix.match(tokens, row, self.threshold, self._summarize)
-        payload = self.delta_codec.encode(row[length:].detach().to("cpu", torch.float32) - held[length:])
-        rest = held[length:] + self.delta_codec.decode(payload, n - length, h)  # exactly the receiver's sum
-        new = torch.cat([self.prefix.held(key, length), rest]) if length else rest
-        own_key = own_len = 0
-        if tokens and not (key and length == len(tokens)):  # the prompt is not all covered: register it
-            own_len = len(tokens)
-            own_key = self.prefix.register(tokens, self._summarize(row[:own_len]), new[:own_len])
-        self.prefix.rows_shared += length
-        saved = self.delta_codec.nbytes(n, h) - len(payload) - PREFIX_BYTES
-        self.prefix_bytes_saved += saved
+
+        def change(length: int) -> tuple[bytes, torch.Tensor]:
+            payload = self.delta_codec.encode(row[length:].detach().to("cpu", torch.float32) - held[length:])
+            return payload, held[length:] + self.delta_codec.decode(payload, n - length, h)  # the receiver's sum
+
+        payload, new, ref = self._prefixed(row, tokens, change)
+        self.prefix_bytes_saved += self.delta_codec.nbytes(n, h) - len(payload) - PREFIX_BYTES
         self._sent(sample_id, row, lambda: new)
         self.sent_delta += 1
         self.delta_bytes += len(payload) + PREFIX_BYTES
         self.bytes_saved += self.codec.nbytes(n, h) - len(payload) - PREFIX_BYTES
-        return SampleTensor(sample_id, n, payload, delta=True, prefix=PrefixRef(key, length, own_key, own_len))
+        return SampleTensor(sample_id, n, payload, delta=True, prefix=ref)
 
     def message(self, client_id: int, step: int, sample_ids, rows, scalar: float = 0.0,
                 skip: set[int] | None = None, tokens: list[tuple[int, ...]] | None = None) -> TensorMsg:
