@@ -26,8 +26,9 @@ PREFIX_BYTES = serde.PREFIX.size  # ref_key u64 | ref_len u32 | own_key u64 | ow
 class Outgoing:
     """One sending end. Per sample, in order: REUSE when the summary test passes; else DELTA against the
     receiver's copy (``refresh=delta``, same length; with ``prefix_refresh``, of the rows after a shared
-    prompt prefix only); else FULL, with the rows after a shared prompt prefix only (``prefix``). It mirrors what the receiver holds (``held``) wherever a later decision
-    needs it: the sample's tensor for DELTA, a key's rows for PREFIX, the summary for ``decoded``."""
+    prompt prefix only); else FULL, with the rows after a shared prompt prefix only (``prefix``). It
+    mirrors what the receiver holds (``held``) wherever a later decision needs it: the sample's tensor
+    for DELTA, a key's rows for PREFIX, the summary for ``decoded``."""
 
     def __init__(self, stream: Stream, codec: str, hidden: int, *, directory: str | None = None, **knobs):
         """``knobs``: the other fields of a ``StreamPlan``; ``directory``: where a disk ``store`` keeps the
