@@ -88,11 +88,10 @@ ROWS: dict[str, list[str]] = {
     "shared": ["federation.server_adapters=shared"],  # fp32 SFL with one server adapter set for every client
     # `shared` learns far faster (val ppl 3.856 after 2 epochs against 4.481; centralized 3.806) and its act_up
     # drifts 20x less between sightings (median 1 - cos 6.5e-5 against 1.3e-3): `all+int4o` on it
-    "shared+all+int4o": ["federation.server_adapters=shared", *ALL, "compression.codec=int4o"],
+    "shared+all+int4o": (SHARED_INT4O := ["federation.server_adapters=shared", *ALL, "compression.codec=int4o"]),
     # refreshes that share prompts as first sights do (compression.prefix_refresh): in shared+all+int4o's epoch 3
     # a refresh cost about twice a first sight, as it resent the prompt the first sight had taken by key
-    "shared+all+int4o+prefix-refresh": ["federation.server_adapters=shared", *ALL, "compression.codec=int4o",
-                                        "compression.prefix_refresh=true"],
+    "shared+all+int4o+prefix-refresh": [*SHARED_INT4O, "compression.prefix_refresh=true"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],
@@ -370,9 +369,9 @@ def main() -> int:
         # the same row with more epochs (--epochs N) trains on from its last checkpoint
         longer = diff == ["train.epochs"] and cfg.train.epochs > old.train.epochs
         # a summary left by a shorter run (its config since lengthened in place) does not count as finished
-        finished = done.is_file() and json.loads(done.read_text()).get("epochs") == cfg.train.epochs
-        if same and finished:
-            s = json.loads(done.read_text())  # the same row already finished: reuse it
+        old_s = json.loads(done.read_text()) if same and done.is_file() else {}
+        if old_s.get("epochs") == cfg.train.epochs:
+            s = old_s  # the same row already finished: reuse it
         else:  # an unfinished (or lengthened) row goes on from its last epoch's checkpoint
             s = run(cfg, where, progress=False, resume=(same or longer) and (where / CHECKPOINT).is_file())
         if args.score > 0:
