@@ -92,6 +92,11 @@ ROWS: dict[str, list[str]] = {
     # refreshes that share prompts as first sights do (compression.prefix_refresh): in shared+all+int4o's epoch 3
     # a refresh cost about twice a first sight, as it resent the prompt the first sight had taken by key
     "shared+all+int4o+prefix-refresh": [*SHARED_INT4O, "compression.prefix_refresh=true"],
+    # the 8-epoch pair for act_up >= 99 % (issue 18): the rate decays linearly to 0 (late epochs move the
+    # activations less, so reuse holds: linear3), refreshes at 1 bit sharing prompts; fp32 under the same decay
+    "shared+linear": ["federation.server_adapters=shared", "train.lr_schedule=linear"],
+    "shared+lean+linear": [*SHARED_INT4O, "compression.prefix_refresh=true", f"{T}.delta_codec=sign1o",
+                           "train.lr_schedule=linear"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],

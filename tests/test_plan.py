@@ -94,6 +94,8 @@ FINGERPRINTS = {
     "all+int4o+bangbang+sign1o": "85964df9b5a17dd6",
     "baseline+linear": "400027e4a86bc867",  # the rate schedule is not a stream knob
     "all+linear": "a58b3eeefd2efddc",
+    "shared+linear": "400027e4a86bc867",
+    "shared+lean+linear": "5e6e1826ec8bf47d",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
