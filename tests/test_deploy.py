@@ -300,6 +300,10 @@ def test_fl_server_resume_equals_uninterrupted_run(procs, tmp_path):
       "compression.temporal.threshold": {"act_up": 0.999}, "compression.prefix": True, "compression.entropy": "zstd",
       "compression.codec": "int8", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
       "train.lr_schedule": "linear", "train.warmup_steps": 2}, "delta"),
+    ({"compression.temporal.enabled": True, "train.epochs": 3, "compression.temporal.refresh": "delta",
+      "compression.temporal.threshold": {"act_up": 0.999}, "compression.prefix": True, "compression.entropy": "zstd",
+      "compression.codec": "int4o", "compression.temporal.delta_codec": "sign1o", "compression.prefix_refresh": True,
+      "federation.server_adapters": "shared", "train.lr_schedule": "linear"}, "prefix-refresh"),
 ])
 def test_in_process_deployment(tmp_path, over, exact):
     """Server and clients as threads of this process, over gRPC loopback. With temporal reuse and a
@@ -308,7 +312,8 @@ def test_in_process_deployment(tmp_path, over, exact):
     exchanges per step, the client keeps its turn between), and adaptive cuts that move between rounds;
     a dynamic schedule trains too (its order depends on timing); so does residual refresh with shared
     prompt prefixes and zstd, under a warmed-up linear learning-rate decay (every end sets the rate of the
-    message's global step). Federated LoRA (fl) deploys too: each client trains the whole model between
+    message's global step), and 1-bit refreshes that share prompt prefixes too (``prefix_refresh``, the
+    `shared+lean+linear` row: kind-5 messages with error feedback on both ends). Federated LoRA (fl) deploys too: each client trains the whole model between
     its uploads (under a cosine decay in one case), the server sends no activations, and the run ends as
     `splitcom run` ends."""
     tree = _setup(tmp_path)
@@ -335,6 +340,14 @@ def test_in_process_deployment(tmp_path, over, exact):
     if exact == "delta":  # residual refresh, shared prompt prefixes and zstd on every stream
         assert sim["transfers_by_stream"]["act_up"]["delta"] > 0
         assert sim["transfers_by_stream"]["act_up"]["prefix_rows_shared"] > 0
+    if exact == "prefix-refresh":  # the refreshes took prompt rows by key: fewer bytes than without the knob
+        assert sim["transfers_by_stream"]["act_up"]["delta"] > 0
+        assert dep["transfers_by_stream"]["act_up"] == sim["transfers_by_stream"]["act_up"]
+        tree["compression"]["prefix_refresh"] = False
+        plain = _sim(tree, tmp_path / "sim-plain")["transfers_by_stream"]["act_up"]
+        assert plain["delta"] == sim["transfers_by_stream"]["act_up"]["delta"]
+        assert plain["prefix_rows_shared"] < sim["transfers_by_stream"]["act_up"]["prefix_rows_shared"]
+        assert plain["delta_bytes"] > sim["transfers_by_stream"]["act_up"]["delta_bytes"]
     if exact == "fl":  # federated LoRA: the clients train alone, adapters alone travel; same log and summary
         assert set(dep["bytes_by_stream"]) == {"adapters_up", "adapters_down", "control"}
         assert _events(tmp_path / "deploy" / "metrics.jsonl") == _events(tmp_path / "sim" / "metrics.jsonl")
