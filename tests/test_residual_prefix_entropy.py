@@ -340,6 +340,17 @@ def test_bad_compression_keys_name_the_key(override, key):
     assert build_config({}, ["compression.temporal.refresh=delta", "compression.temporal.delta_codec=fp32"])
 
 
+def test_a_sections_own_check_does_not_echo_the_section():
+    """A check across a section's keys names the values it read; the section as the user wrote it is not
+    appended (it was `(got {'prefix_refresh': True})`), while a single key's error keeps its `(got ...)`."""
+    with pytest.raises(UserError) as err:
+        build_config({}, ["compression.prefix_refresh=true"])
+    assert "got prefix False" in str(err.value) and "{" not in str(err.value)
+    with pytest.raises(UserError) as err:
+        build_config({}, ["compression.entropy=lz4"])
+    assert str(err.value).endswith("(got 'lz4')")
+
+
 def test_run_with_everything_on_trains_and_sends_less(tmp_path):
     t = "compression.temporal"
     on = {f"{t}.enabled": True, f"{t}.refresh": "delta", f"{t}.threshold": 0.999, "compression.prefix": True,

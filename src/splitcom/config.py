@@ -463,7 +463,12 @@ def _format_error(err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"{key}: unknown config key"
     got = first.get("input")
-    return f"{key}: {first['msg'].removeprefix('Value error, ')} (got {got!r})"
+    msg = first["msg"].removeprefix("Value error, ")
+    # a section's own check (a model validator) names the values it read, and a per-stream map's check names the
+    # bad entry: the dict as written would only repeat the user's keys
+    if isinstance(got, dict):
+        return f"{key}: {msg}"
+    return f"{key}: {msg} (got {got!r})"
 
 
 # Keys that describe a split (where the model is cut, what crosses the cut, how the server serves the steps):
