@@ -313,9 +313,9 @@ def test_in_process_deployment(tmp_path, over, exact):
     a dynamic schedule trains too (its order depends on timing); so does residual refresh with shared
     prompt prefixes and zstd, under a warmed-up linear learning-rate decay (every end sets the rate of the
     message's global step), and 1-bit refreshes that share prompt prefixes too (``prefix_refresh``, the
-    `shared+lean+linear` row: kind-5 messages with error feedback on both ends). Federated LoRA (fl) deploys too: each client trains the whole model between
-    its uploads (under a cosine decay in one case), the server sends no activations, and the run ends as
-    `splitcom run` ends."""
+    `shared+lean+linear` row: kind-5 messages with error feedback on both ends). Federated LoRA (fl)
+    deploys too: each client trains the whole model between its uploads (under a cosine decay in one
+    case), the server sends no activations, and the run ends as `splitcom run` ends."""
     tree = _setup(tmp_path)
     for key, value in over.items():
         node = tree
