@@ -97,6 +97,12 @@ ROWS: dict[str, list[str]] = {
     "shared+linear": ["federation.server_adapters=shared", "train.lr_schedule=linear"],
     "shared+lean+linear": [*SHARED_INT4O, "compression.prefix_refresh=true", f"{T}.delta_codec=sign1o",
                            "train.lr_schedule=linear"],
+    # what makes shared+lean+linear's act_up move 3 to 4 times more between epochs than fp32's (issue 18): each
+    # lossy stage on its own under the same decay, no reuse: int8 adapters with int4 deltas, or int4o act_up
+    "shared+adapter8+linear": ["federation.server_adapters=shared", "compression.adapter_codec=int8",
+                               "compression.adapter_refresh=delta", "train.lr_schedule=linear"],
+    "shared+int4o+linear": ["federation.server_adapters=shared", "compression.codec=int4o",
+                            "compression.entropy=zstd", "train.lr_schedule=linear"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],

@@ -96,6 +96,8 @@ FINGERPRINTS = {
     "all+linear": "a58b3eeefd2efddc",
     "shared+linear": "400027e4a86bc867",
     "shared+lean+linear": "5e6e1826ec8bf47d",
+    "shared+adapter8+linear": "6bf311fb6bc50418",
+    "shared+int4o+linear": "64ac8da249965279",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
