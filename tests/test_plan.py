@@ -98,6 +98,7 @@ FINGERPRINTS = {
     "shared+lean+linear": "5e6e1826ec8bf47d",
     "shared+adapter8+linear": "6bf311fb6bc50418",
     "shared+int4o+linear": "64ac8da249965279",
+    "shared+lean@0.99+linear": "3a6fda3573b1abc3",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
