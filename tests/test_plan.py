@@ -5,6 +5,12 @@ and end at the same validation loss.
 The reference figures were recorded from the code before issue 17 (commit e0b9683), with the settings
 below, on one torch thread: FINGERPRINTS hash what each row's client and server ends were built with
 (``fingerprint``), RUNS hold bytes per stream, final val loss and (FULL, REUSE, DELTA) per stream.
+
+Sizes set by shapes and codecs alone must match to the byte. Where ``compression.entropy`` is zstd, a
+message's size depends on the values themselves, and those differ in the last bits between CPUs (an
+AVX-512/AMX Xeon rounds some kernels otherwise than the machine that recorded RUNS): there the decisions (FULL, REUSE,
+DELTA counts) must still match exactly, and each stream's bytes within ``ENTROPY_SLACK``. On the recording
+machine they match to the byte.
 """
 
 import dataclasses
@@ -232,10 +238,23 @@ def test_every_comm_row_builds_the_same_stream_ends():
     assert not wrong, json.dumps(wrong, indent=1)
 
 
+# zstd-coded bytes on another CPU: measured up to 0.77 % (6 of 780 control bytes) and 46 adapter bytes of 13,316
+ENTROPY_SLACK = (0.01, 16)  # relative, plus bytes
+VAL_LOSS_ABS = 3e-6  # another CPU: 1.1e-6 (ushape+codec-map); rows differ from each other by 2e-5 and more
+
+
 @pytest.mark.parametrize("name", list(RUNS))
 def test_short_runs_send_the_same_bytes(name, tmp_path):
     by_stream, val_loss, transfers = RUNS[name]
-    summary = run(row_cfg(name), tmp_path, progress=False)
-    assert summary["bytes_by_stream"] == by_stream
-    assert summary["val_loss"] == pytest.approx(val_loss, rel=0, abs=1e-6)
+    cfg = row_cfg(name)
+    summary = run(cfg, tmp_path, progress=False)
+    got = summary["bytes_by_stream"]
+    if cfg.compression.entropy == "none":
+        assert got == by_stream
+    else:
+        rel, slack = ENTROPY_SLACK
+        assert set(got) == set(by_stream)
+        off = {s: (got[s], ref) for s, ref in by_stream.items() if abs(got[s] - ref) > rel * ref + slack}
+        assert not off, f"bytes (got, recorded) beyond the entropy coder's slack: {off}"
+    assert summary["val_loss"] == pytest.approx(val_loss, rel=0, abs=VAL_LOSS_ABS)
     assert {s: [c["full"], c["reuse"], c["delta"]] for s, c in summary["transfers_by_stream"].items()} == transfers
