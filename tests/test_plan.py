@@ -8,9 +8,9 @@ below, on one torch thread: FINGERPRINTS hash what each row's client and server 
 
 Sizes set by shapes and codecs alone must match to the byte. Where ``compression.entropy`` is zstd, a
 message's size depends on the values themselves, and those differ in the last bits between CPUs (an
-AVX-512/AMX Xeon rounds some kernels otherwise than the machine that recorded RUNS): there the decisions (FULL, REUSE,
-DELTA counts) must still match exactly, and each stream's bytes within ``ENTROPY_SLACK``. On the recording
-machine they match to the byte.
+AVX-512/AMX Xeon rounds some kernels otherwise than the machine that recorded RUNS). There the decisions
+(FULL, REUSE, DELTA counts) must still match exactly, and each stream's bytes within ``ENTROPY_SLACK``. On
+the recording machine they matched to the byte.
 """
 
 import dataclasses
