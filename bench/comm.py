@@ -95,8 +95,8 @@ ROWS: dict[str, list[str]] = {
     # the 8-epoch pair for act_up >= 99 % (issue 18): the rate decays linearly to 0 (late epochs move the
     # activations less, so reuse holds: linear3), refreshes at 1 bit sharing prompts; fp32 under the same decay
     "shared+linear": ["federation.server_adapters=shared", "train.lr_schedule=linear"],
-    "shared+lean+linear": [*SHARED_INT4O, "compression.prefix_refresh=true", f"{T}.delta_codec=sign1o",
-                           "train.lr_schedule=linear"],
+    "shared+lean+linear": (LEAN_LINEAR := [*SHARED_INT4O, "compression.prefix_refresh=true",
+                                           f"{T}.delta_codec=sign1o", "train.lr_schedule=linear"]),
     # what makes shared+lean+linear's act_up move 3 to 4 times more between epochs than fp32's (issue 18): each
     # lossy stage on its own under the same decay, no reuse: int8 adapters with int4 deltas, or int4o act_up
     "shared+adapter8+linear": ["federation.server_adapters=shared", "compression.adapter_codec=int8",
@@ -107,8 +107,7 @@ ROWS: dict[str, list[str]] = {
     # alone not at all, and int4o's own error on these activations is 1 - cos about 1e-2: a threshold of 0.999
     # refreshes copies for a tenth of the error every copy already has. The lean row reusing up to that error
     # (8 epochs: act_up 99.32 % less, but val ppl +2.28 %: a stale copy's error has a direction, rounding's not)
-    "shared+lean@0.99+linear": [*SHARED_INT4O, "compression.prefix_refresh=true", f"{T}.delta_codec=sign1o",
-                                f"{T}.threshold=0.99", "train.lr_schedule=linear"],
+    "shared+lean@0.99+linear": [*LEAN_LINEAR, f"{T}.threshold=0.99"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],
