@@ -108,6 +108,14 @@ ROWS: dict[str, list[str]] = {
     # refreshes copies for a tenth of the error every copy already has. The lean row reusing up to that error
     # (8 epochs: act_up 99.32 % less, but val ppl +2.28 %: a stale copy's error has a direction, rounding's not)
     "shared+lean@0.99+linear": [*LEAN_LINEAR, f"{T}.threshold=0.99"],
+    # between the two (issue 18): reuse at 0.995; or the byte target itself, bang-bang's budget: repeat sightings may
+    # cost 2.5 % of their int4o FULL payload over the run (about a tenth of them refreshed at 1 bit: epochs 2 to 8
+    # near 6 MB, so 8 epochs near 99.1 % less), refreshing at 0.999 while under it and at 0.99 while over; the
+    # tolerance keeps late epochs' overfitting (fp32's own val loss rises up to 0.8 % an epoch) from forcing 0.999
+    "shared+lean@0.995+linear": [*LEAN_LINEAR, f"{T}.threshold=0.995"],
+    "shared+lean+budget+linear": [*LEAN_LINEAR, f"{T}.controller=bangbang", f"{T}.bangbang.aggressive=0.99",
+                                  f"{T}.bangbang.conservative=0.999", f"{T}.bangbang.budget=0.025",
+                                  f"{T}.bangbang.tolerance=0.01"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],

@@ -105,6 +105,8 @@ FINGERPRINTS = {
     "shared+adapter8+linear": "6bf311fb6bc50418",
     "shared+int4o+linear": "64ac8da249965279",
     "shared+lean@0.99+linear": "3a6fda3573b1abc3",
+    "shared+lean@0.995+linear": "df10fd04ffbba801",
+    "shared+lean+budget+linear": "a46349fda46c235a",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
