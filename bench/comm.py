@@ -211,10 +211,15 @@ ROWS: dict[str, list[str]] = {
     # the leanest row above lost quality in epoch 2 (+1.4 % val ppl after epoch 1, +3.2 % after epoch 2), when
     # its refreshes began: int2 act_up and int2o act_down DELTAs. SFL's `all+int4o` refreshes act_up in int4 and
     # gained back (+1.0 % to +0.3 %): the same with int4 refreshes on every stream
-    "ushape+int4o+int4-deltas+adapter-int4": _ushape("{act_up: int4o, act_down: int4o}",
-                                                     "{grad_up: int4o, grad_down: int4}", "int4",
-                                                     {"act_up": "int4", "act_down": "int4o", "grad_down": "int4"}),
+    "ushape+int4o+int4-deltas+adapter-int4": (USHAPE_INT4 := _ushape(
+        "{act_up: int4o, act_down: int4o}", "{grad_up: int4o, grad_down: int4}", "int4",
+        {"act_up": "int4", "act_down": "int4o", "grad_down": "int4"})),
     "ushape+codec-map+adapter-int2": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "int2"),
+    # U-shape on shared server adapters under the decay (issue 18): shared adapters cut SFL act_up's drift 20x, so
+    # the int4 refreshes that kept U-shape's quality may be needed far less often; fp32 U-shape the same way
+    "ushape+shared+linear": ["split.mode=ushape", "split.tail_layers=2", "federation.server_adapters=shared",
+                             "train.lr_schedule=linear"],
+    "ushape+shared+int4-deltas+linear": [*USHAPE_INT4, "federation.server_adapters=shared", "train.lr_schedule=linear"],
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(

@@ -107,6 +107,8 @@ FINGERPRINTS = {
     "shared+lean@0.99+linear": "3a6fda3573b1abc3",
     "shared+lean@0.995+linear": "df10fd04ffbba801",
     "shared+lean+budget+linear": "a46349fda46c235a",
+    "ushape+shared+linear": "f2b42ca31a696da2",  # server_adapters is not a stream knob
+    "ushape+shared+int4-deltas+linear": "24f273c1291e68ef",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
