@@ -109,18 +109,18 @@ ROWS: dict[str, list[str]] = {
     # (8 epochs: act_up 99.32 % less, but val ppl +2.28 %: a stale copy's error has a direction, rounding's not)
     "shared+lean@0.99+linear": [*LEAN_LINEAR, f"{T}.threshold=0.99"],
     # between the two (issue 18): reuse at 0.995; or the byte target itself, bang-bang's budget: repeat sightings may
-    # cost 2.5 % of their int4o FULL payload over the run (about a tenth of them refreshed at 1 bit: epochs 2 to 8
-    # near 6 MB, so 8 epochs near 99.1 % less), refreshing at 0.999 while under it and at 0.99 while over; the
+    # cost 2.5 % of their int4o FULL payload over the run (sized for a tenth of them refreshed at 1 bit: epochs 2
+    # to 8 near 6 MB, so 8 epochs near 99.1 % less), refreshing at 0.999 while under it and at 0.99 while over; the
     # tolerance keeps late epochs' overfitting (fp32's own val loss rises up to 0.8 % an epoch) from forcing 0.999.
     # Seed 0, 8 epochs: 0.995 sent 99.12 % less at val ppl +0.87 %, BLEU -0.008 (the goal, on one seed); the
     # budget 98.89 % less at +1.16 %, with fresher copies: capping every copy did at least as well as a budget
     "shared+lean@0.995+linear": (LEAN_0995 := [*LEAN_LINEAR, f"{T}.threshold=0.995"]),
-    # its fp32 grad_down is then 99 % of all its traffic and holds time to quality on LTE at 4.9x fp32's:
-    # int4 gradients too, as `all+grad-int4` (7.5x there)
-    "shared+lean@0.995+grad-int4+linear": [*LEAN_0995, "compression.grad_codec=int4"],
     "shared+lean+budget+linear": [*LEAN_LINEAR, f"{T}.controller=bangbang", f"{T}.bangbang.aggressive=0.99",
                                   f"{T}.bangbang.conservative=0.999", f"{T}.bangbang.budget=0.025",
                                   f"{T}.bangbang.tolerance=0.01"],
+    # 0.995's grad_down (fp32) is 99 % of its traffic and holds its time to quality on LTE at 4.9x fp32's:
+    # int4 gradients too, as `all+grad-int4` (7.5x there)
+    "shared+lean@0.995+grad-int4+linear": [*LEAN_0995, "compression.grad_codec=int4"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],
