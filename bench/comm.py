@@ -94,7 +94,7 @@ ROWS: dict[str, list[str]] = {
     "shared+all+int4o+prefix-refresh": [*SHARED_INT4O, "compression.prefix_refresh=true"],
     # the 8-epoch pair for act_up >= 99 % (issue 18): the rate decays linearly to 0 (late epochs move the
     # activations less, so reuse holds: linear3), refreshes at 1 bit sharing prompts; fp32 under the same decay
-    "shared+linear": ["federation.server_adapters=shared", "train.lr_schedule=linear"],
+    "shared+linear": (SHARED_LINEAR := ["federation.server_adapters=shared", "train.lr_schedule=linear"]),
     "shared+lean+linear": (LEAN_LINEAR := [*SHARED_INT4O, "compression.prefix_refresh=true",
                                            f"{T}.delta_codec=sign1o", "train.lr_schedule=linear"]),
     # what makes shared+lean+linear's act_up move 3 to 4 times more between epochs than fp32's (issue 18): each
@@ -222,9 +222,8 @@ ROWS: dict[str, list[str]] = {
     "ushape+codec-map+adapter-int2": _ushape(CODEC_MAP, "{grad_up: int8, grad_down: int2}", "int2"),
     # U-shape on shared server adapters under the decay (issue 18): shared adapters cut SFL act_up's drift 20x, so
     # the int4 refreshes that kept U-shape's quality may be needed far less often; fp32 U-shape the same way
-    "ushape+shared+linear": ["split.mode=ushape", "split.tail_layers=2", "federation.server_adapters=shared",
-                             "train.lr_schedule=linear"],
-    "ushape+shared+int4-deltas+linear": [*USHAPE_INT4, "federation.server_adapters=shared", "train.lr_schedule=linear"],
+    "ushape+shared+linear": ["split.mode=ushape", "split.tail_layers=2", *SHARED_LINEAR],
+    "ushape+shared+int4-deltas+linear": [*USHAPE_INT4, *SHARED_LINEAR],
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(
