@@ -17,7 +17,12 @@ measure, not a quality result: the rows of bench/comm.py say what training makes
         --trained runs/regime/baseline --batches 4
 
 With ``--previous`` (the adapter one epoch before ``--trained``) it adds the refreshes: each stream sent as a
-DELTA against, or REUSEd from, the receiver's copy of the tensor one epoch earlier.
+DELTA against, or REUSEd from, the receiver's copy of the tensor one epoch earlier. With ``--budget`` it adds
+what each stream's first sight costs under each codec after zstd, and how low-rank each stream is:
+
+    .venv/bin/python bench/stream_distortion.py --run runs/regime8/shared+linear \
+        --set split.mode=ushape split.tail_layers=2 --trained runs/regime8/shared+linear --batches 3 \
+        --streams-only --budget --only "grad_down int4" "grad_down int2o" "grad_down rank16" ...
 """
 
 from __future__ import annotations
@@ -59,7 +64,27 @@ CONFIGS: dict[str, dict[str, str]] = {
     "grad_up int2s": {"grad_up": "int2s"},
     "grad_up int4s": {"grad_up": "int4s"},
     "grad_up int2": {"grad_up": "int2"},
+    # below 4 bits with the heavy tail taken out, and low rank (--budget says what each costs after zstd)
+    "grad_down int2o": {"grad_down": "int2o"},
+    "grad_down sign1o": {"grad_down": "sign1o"},
+    "grad_up int2o": {"grad_up": "int2o"},
+    "grad_up sign1o": {"grad_up": "sign1o"},
+    **{f"{s} rank{r}": {s: f"rank{r}"} for s in ("grad_down", "grad_up") for r in (4, 8, 16)},
 }
+BUDGET_CODECS = ("int8", "int4", "int4o", "int2", "int2o", "sign1o")
+RANKS = (4, 8, 16)
+
+
+def low_rank(r: int):
+    """A what-if, not a codec of the library: each sample's [T, H] tensor as its rank-r SVD, the factors in
+    fp16 ((T + H) * r * 2 bytes). PowerSGD-style compression of the cut gradients, measured before building."""
+    def f(x, lengths):
+        rows = []
+        for z in unpad(x.detach().float(), lengths):
+            u, sv, v = torch.linalg.svd(z, full_matrices=False)
+            rows.append(((u[:, :r] * sv[:r]).half().float() @ v[:r].half().float()).to(x.dtype))
+        return pad(rows, x.shape[1]).to(x.device)
+    return f
 
 
 def roundtrip(x: torch.Tensor, codec, lengths: list[int]) -> torch.Tensor:
@@ -69,6 +94,8 @@ def roundtrip(x: torch.Tensor, codec, lengths: list[int]) -> torch.Tensor:
         return x
     if callable(codec):
         return codec(x, lengths)
+    if codec.startswith("rank"):
+        return low_rank(int(codec[4:]))(x, lengths)
     c = get_codec(codec)
     rows = [c.decode(c.encode(r), r.shape[0], r.shape[1]).to(x.dtype) for r in unpad(x.detach(), lengths)]
     return pad(rows, x.shape[1]).to(x.device)
@@ -179,6 +206,42 @@ def refresh_table(s, a, data, cut: int, tail: int, exact: list) -> list[str]:
     return lines
 
 
+def budget_table(s, data, cut: int, tail: int) -> list[str]:
+    """What each stream costs a first sight under each codec once zstd has run over a batch's payloads (one
+    message a batch, as serde frames it), in % of the fp32 payload; and how much of each sample's energy its
+    rank-r SVD keeps (the low-rank what-if's bytes are its fp16 factors, zstd'd alike)."""
+    import zstandard
+
+    from splitcom.protocol.serde import ZSTD_LEVEL
+
+    z = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    store: dict[str, torch.Tensor] = {}
+    for i, b in enumerate(data):
+        step(s, b, cut, tail, {k: record(store, f"{k} {i}") for k in STREAMS})
+    cols = [*BUDGET_CODECS, *(f"rank{r}" for r in RANKS)]
+    lines = ["", "## Bytes of a first sight after zstd, % of fp32 (one batch a message); energy kept by rank r", "",
+             "| stream | " + " | ".join(cols) + " | " + " | ".join(f"energy r{r}" for r in RANKS) + " |",
+             "| --- |" + " ---: |" * (len(cols) + len(RANKS))]
+    for k in STREAMS:
+        fp32, sent, energy = 0, dict.fromkeys(cols, 0), {r: [] for r in RANKS}
+        for i, b in enumerate(data):
+            rows = unpad(store[f"{k} {i}"].float(), b.lengths)
+            fp32 += sum(4 * r.numel() for r in rows)
+            for c in BUDGET_CODECS:
+                sent[c] += len(z.compress(b"".join(get_codec(c).encode(r) for r in rows)))
+            for r in RANKS:
+                parts = []
+                for x in rows:
+                    u, sv, v = torch.linalg.svd(x, full_matrices=False)
+                    parts.append((u[:, :r] * sv[:r]).half().numpy().tobytes() + v[:r].half().numpy().tobytes())
+                    energy[r].append(float((sv[:r] ** 2).sum() / (sv ** 2).sum()))
+                sent[f"rank{r}"] += len(z.compress(b"".join(parts)))
+        lines.append(f"| {k} | " + " | ".join(f"{100 * sent[c] / fp32:.2f}" for c in cols) + " | "
+                     + " | ".join(f"{sum(e) / len(e):.3f}" for e in energy.values()) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def adapter_table(s, a, init: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], cut: int,
                   tail: int) -> list[str]:
     """Val ppl of the trained adapter when the client's blocks (head, tail) reach the server through an adapter
@@ -212,6 +275,8 @@ def adapter_table(s, a, init: dict[str, torch.Tensor], trained: dict[str, torch.
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a U-shape run folder (its config.yaml: model, data, cut)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides of that config.yaml, e.g. "
+                    "split.mode=ushape split.tail_layers=2 to measure an SFL run's settings as U-shape")
     ap.add_argument("--trained", help="a run folder whose adapter/ is loaded first (a trained state); none: LoRA init")
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--val-samples", type=int, default=96, help="dev samples for the adapter-codec table")
@@ -220,10 +285,12 @@ def main() -> int:
     ap.add_argument("--streams-only", action="store_true", help="skip the adapter-codec table (about 20 min)")
     ap.add_argument("--previous", help="a run folder (or epochs/N of one) whose adapter/ is the state one epoch "
                     "before --trained: adds the refresh table (DELTA and REUSE against that epoch's tensors)")
+    ap.add_argument("--budget", action="store_true", help="add the bytes table: each stream's first sight under "
+                    "each codec after zstd, and the energy a rank-r SVD keeps")
     ap.add_argument("--only", nargs="+", metavar="NAME", help=f"these configurations only (of: {', '.join(CONFIGS)})")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = load_config(Path(a.run) / "config.yaml")
+    cfg = load_config(Path(a.run) / "config.yaml", a.set)
     cut, tail = cfg.split.cut_layer, cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
     if tail == 0:
         sys.exit(f"{a.run}: split.mode is {cfg.split.mode}; this script measures the four U-shape streams")
@@ -249,6 +316,8 @@ def main() -> int:
             continue
         lines.append(compare(name, [step(s, b, cut, tail, codecs) for b in data], exact))
         print(lines[-1], flush=True)
+    if a.budget:
+        lines += budget_table(s, data, cut, tail)
     if a.previous:
         lines += refresh_table(s, a, data, cut, tail, exact)
     if a.trained and not a.streams_only:
