@@ -121,6 +121,11 @@ ROWS: dict[str, list[str]] = {
     # 0.995's grad_down (fp32) is 99 % of its traffic and holds its time to quality on LTE at 4.9x fp32's:
     # int4 gradients too, as `all+grad-int4` (7.5x there)
     "shared+lean@0.995+grad-int4+linear": [*LEAN_0995, "compression.grad_codec=int4"],
+    # ... or no gradient at all for a REUSEd activation (DESIGN 4.3's `skip`): the head's blocks then learn from
+    # first sights and refreshes only, and grad_down shrinks with act_up. In U-shape every per-step gradient costs
+    # 8 to 10 % of fp32 after zstd in int4, the one codec that keeps them (stream_distortion.md): only fewer
+    # gradients can take U-shape's total past 95.6 % less
+    "shared+lean@0.995+skip+linear": [*LEAN_0995, f"{T}.reused_grad=skip"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],
