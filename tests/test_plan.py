@@ -111,6 +111,7 @@ FINGERPRINTS = {
     "shared+lean@0.995+skip+linear": "6b09b579fbc0f37a",
     "ushape+shared+linear": "f2b42ca31a696da2",  # server_adapters is not a stream knob
     "ushape+shared+int4-deltas+linear": "24f273c1291e68ef",
+    "ushape+shared+lean+skip+linear": "f98495a4cb48a6ab",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
