@@ -3,6 +3,8 @@ been seen, with int4, int2 and 1-bit (+ outliers) DELTA refreshes, against fp32 
 
     .venv/bin/python bench/late_epochs.py [--rows NAME=RUN ...] [--epochs 4] [--out bench/results/late_epochs.md]
 
+Writes the table to OUT and a plot beside it (OUT with .png: val ppl and act_up sent so far, by epoch).
+
 Default rows: fp32 SFL (`runs/regime4/baseline`) and `all` (`runs/regime4/all`), both lengthened exactly from
 the 2-epoch regime runs (`bench/comm.py --resume --epochs 4`), and the rows `bench/fork_queue.sh` forked from
 `all`'s epoch-2 checkpoint into runs/fork4 (`bench/comm.py --fork-from`): epochs 1 and 2 are `all`'s, epochs 3
@@ -45,6 +47,29 @@ def load(run: Path) -> dict | None:
         bleu = {**{e: b for e, b in parent["bleu"].items() if e <= fork["epoch"]}, **bleu}
     return {"evals": evals, "act": act, "per_epoch": per_epoch, "reuse": reuse, "bleu": bleu, "fork": fork,
             "samples": summary.get("train_samples")}
+
+
+def plot(rows: dict, epochs: int, path: Path) -> None:
+    """Val ppl and act_up sent so far (log scale) by epoch, one line a row: where people would rather look."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, (_, r) in rows.items():
+        eps = [e for e in range(1, epochs + 1) if e in r["evals"]]
+        a.plot(eps, [r["evals"][e]["val_ppl"] for e in eps], marker="o", label=name)
+        eps = [e for e in range(1, epochs + 1) if e in r["act"]]
+        b.plot(eps, [r["act"][e] / 1e6 for e in eps], marker="o", label=name)
+    a.set(xlabel="epoch", ylabel="val ppl (200 dev samples)", title="quality")
+    b.set(xlabel="epoch", ylabel="act_up sent so far (MB)", yscale="log", title="act_up bytes")
+    a.grid(alpha=0.3)
+    b.grid(alpha=0.3, which="both")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> int:
@@ -127,7 +152,9 @@ def main() -> int:
         lines += ["", notes.read_text()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
+    plot(rows, args.epochs, args.out.with_suffix(".png"))
     print(args.out.read_text())
+    print(f"plot: {args.out.with_suffix('.png')}")
     return 0
 
 
