@@ -259,6 +259,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
               "| row | " + " | ".join(f"{f}: to quality | {f}: all {E} epochs" for f in FLEETS) +
               " | device memory (estimate) |",
               "| --- | " + " | ".join("---: | ---:" for _ in FLEETS) + " | ---: |"]
+
     def to_quality(rs: list, f: str) -> tuple[list[float], list[float]]:
         """Per seed: simulated seconds to the target (seeds that reach it) and for all E epochs."""
         ttq = [next((e["simulated_s"] for e in r["fleets"][f] if e["epoch"] <= E and e["val_ppl"] <= target),
@@ -266,7 +267,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         return [x for x in ttq if x is not None], [next(e["simulated_s"] for e in r["fleets"][f] if e["epoch"] == E)
                                                    for r in rs]
 
-    # *shorter*: fp32 SFL's mean time over the row's (the issue's time-to-quality goal is a ratio)
+    # *Nx*: fp32 SFL's mean time over the row's (the issue's time-to-quality goal is a ratio)
     base_t = {f: to_quality(base, f) for f in FLEETS} if base else {}
     for name, rs in runs.items():
         if not rs or rs[0]["cfg"].federation.mode == "centralized":

@@ -39,6 +39,7 @@ from splitcom.audit.run import load_global_adapter  # noqa: E402
 from splitcom.compress.codecs import get_codec  # noqa: E402
 from splitcom.config import load_config  # noqa: E402
 from splitcom.data.tokenize import batches  # noqa: E402
+from splitcom.errors import UserError  # noqa: E402
 from splitcom.federation.setup import prepare  # noqa: E402
 from splitcom.models.adapters import GLOBAL  # noqa: E402
 from splitcom.models.split import causal_lm_loss, layer_index, pad, unpad  # noqa: E402
@@ -290,7 +291,10 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", metavar="NAME", help=f"these configurations only (of: {', '.join(CONFIGS)})")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = load_config(Path(a.run) / "config.yaml", a.set)
+    try:
+        cfg = load_config(Path(a.run) / "config.yaml", a.set)
+    except UserError as err:
+        sys.exit(f"{a.run}/config.yaml with --set {' '.join(a.set)}: {err}")
     cut, tail = cfg.split.cut_layer, cfg.split.tail_layers if cfg.split.mode == "ushape" else 0
     if tail == 0:
         sys.exit(f"{a.run}: split.mode is {cfg.split.mode}; this script measures the four U-shape streams")
