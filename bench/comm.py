@@ -126,6 +126,10 @@ ROWS: dict[str, list[str]] = {
     # 8 to 10 % of fp32 after zstd in int4, the one codec that keeps them (stream_distortion.md): only fewer
     # gradients can take U-shape's total past 95.6 % less
     "shared+lean@0.995+skip+linear": [*LEAN_0995, f"{T}.reused_grad=skip"],
+    # epochs 1 to 3 of the two above: skip reused every act_up from epoch 2 on (the head stopped learning, +0.83 %
+    # at epoch 3 against 0.995's +0.73 %) and sent no grad_down after epoch 1; grad-int4 cut epoch 1's grad_down
+    # 10x. Both: epoch 1's gradients in int4, none after
+    "shared+lean@0.995+skip+grad-int4+linear": [*LEAN_0995, f"{T}.reused_grad=skip", "compression.grad_codec=int4"],
     "+delta": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta"],
     "+prefix": [f"{T}.enabled=true", f"{T}.threshold=0.999", "compression.codec=int8", f"{T}.refresh=delta",
                 "compression.prefix=true"],

@@ -109,6 +109,7 @@ FINGERPRINTS = {
     "shared+lean+budget+linear": "a46349fda46c235a",
     "shared+lean@0.995+grad-int4+linear": "126268c709e7b66f",
     "shared+lean@0.995+skip+linear": "6b09b579fbc0f37a",
+    "shared+lean@0.995+skip+grad-int4+linear": "de698233d093b8a2",
     "ushape+shared+linear": "f2b42ca31a696da2",  # server_adapters is not a stream knob
     "ushape+shared+int4-deltas+linear": "24f273c1291e68ef",
     "ushape+shared+lean+skip+linear": "f98495a4cb48a6ab",
