@@ -237,12 +237,10 @@ ROWS: dict[str, list[str]] = {
     # of them: act_up as in shared+lean@0.995+linear (1-bit refreshes sharing prompts, reuse at 0.995) with no
     # grad_down for a REUSEd act_up (reused_grad=skip), grad_up's first sights in int4 (8.3 % after zstd against
     # int4o's 11.4 %, head cosine 0.992); act_down as in the int4 row
-    "ushape+shared+lean+skip+linear": [*USHAPE_INT4, *SHARED_LINEAR, "compression.prefix_refresh=true",
-                                       "compression.grad_codec={grad_up: int4, grad_down: int4}",
-                                       f"{T}.delta_codec={{act_up: sign1o, act_down: int4o, grad_up: int4, "
-                                       "grad_down: int4}",
-                                       f"{T}.threshold={{act_up: 0.995, act_down: 0.99999, grad_up: 0.99999, "
-                                       "grad_down: 0.95}", f"{T}.reused_grad=skip"],
+    "ushape+shared+lean+skip+linear": [*_ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4, grad_down: int4}",
+                                               "int4", {"act_up": "sign1o", "act_down": "int4o", "grad_down": "int4"},
+                                               {"act_up": 0.995}),
+                                       *SHARED_LINEAR, "compression.prefix_refresh=true", f"{T}.reused_grad=skip"],
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(
