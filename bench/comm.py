@@ -241,6 +241,14 @@ ROWS: dict[str, list[str]] = {
                                                "int4", {"act_up": "sign1o", "act_down": "int4o", "grad_down": "int4"},
                                                {"act_up": 0.995}),
                                        *SHARED_LINEAR, "compression.prefix_refresh=true", f"{T}.reused_grad=skip"],
+    # with every act_up reused from epoch 2, act_down's int4o DELTAs (11.4 % of fp32) and grad_up's int4 ones
+    # (8.4 %) are what that row sends every epoch: about 5 % of fp32 U-shape an epoch, so it cannot pass 95 %.
+    # int2o DELTAs of both cost 4.3 % and 4.1 % and distort a batch as much as their int4o / int4 first sights
+    # do (stream_distortion.md, eleventh session's refresh table)
+    "ushape+shared+lean+skip+int2o-deltas+linear": [
+        *_ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4, grad_down: int4}", "int4",
+                 {"act_up": "sign1o", "act_down": "int2o", "grad_up": "int2o", "grad_down": "int4"}, {"act_up": 0.995}),
+        *SHARED_LINEAR, "compression.prefix_refresh=true", f"{T}.reused_grad=skip"],
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(

@@ -17,8 +17,9 @@ measure, not a quality result: the rows of bench/comm.py say what training makes
         --trained runs/regime/baseline --batches 4
 
 With ``--previous`` (the adapter one epoch before ``--trained``) it adds the refreshes: each stream sent as a
-DELTA against, or REUSEd from, the receiver's copy of the tensor one epoch earlier. With ``--budget`` it adds
-what each stream's first sight costs under each codec after zstd, and how low-rank each stream is:
+DELTA against, or REUSEd from, the receiver's copy of the tensor one epoch earlier, and what each DELTA sends
+after zstd. With ``--budget`` it adds what each stream's first sight costs under each codec after zstd, and how
+low-rank each stream is:
 
     .venv/bin/python bench/stream_distortion.py --run runs/regime8/shared+linear \
         --set split.mode=ushape split.tail_layers=2 --trained runs/regime8/shared+linear --batches 3 \
@@ -146,8 +147,12 @@ REFRESHES: dict[str, tuple[str, str, str | None]] = {
     "act_down REUSE": ("act_down", "int4o", None),
     "act_down DELTA int2o": ("act_down", "int4o", "int2o"),
     "act_down DELTA int4o": ("act_down", "int4o", "int4o"),
+    # below int4o for act_down's refreshes (U-shape's largest stream after epoch 1 when every act_up is reused)
+    "act_down DELTA sign1o": ("act_down", "int4o", "sign1o"),
     "grad_up REUSE": ("grad_up", "int4o", None),
     "grad_up DELTA int4": ("grad_up", "int4o", "int4"),
+    "grad_up DELTA int2o": ("grad_up", "int4o", "int2o"),
+    "grad_up DELTA sign1o": ("grad_up", "int4o", "sign1o"),
     "grad_down REUSE": ("grad_down", "int4", None),
     "grad_down DELTA int4": ("grad_down", "int4", "int4"),
 }
@@ -160,13 +165,27 @@ def record(store: dict[str, torch.Tensor], key: str):
     return f
 
 
-def refresh(prev: torch.Tensor, full: str, delta: str | None):
+def refresh(prev: torch.Tensor, full: str, delta: str | None, sent: list[int] | None = None):
     """What the receiver holds after a refresh: its copy (``prev`` as ``full`` decoded it) plus the decoded
-    residual against that copy (the sender's mirror is that copy), or the copy alone (a REUSE)."""
+    residual against that copy (the sender's mirror is that copy), or the copy alone (a REUSE). ``sent`` adds
+    up [bytes of the DELTA after zstd (one batch a message, as serde frames it), bytes of the fp32 tensor]."""
     def f(x, lengths):
         copy = roundtrip(prev, full, lengths)
+        if sent is not None:
+            rows = unpad((x - copy).detach().float(), lengths)
+            sent[1] += sum(4 * r.numel() for r in rows)
+            if delta is not None:
+                sent[0] += len(_zstd().compress(b"".join(get_codec(delta).encode(r) for r in rows)))
         return copy if delta is None else copy + roundtrip(x - copy, delta, lengths)
     return f
+
+
+def _zstd():
+    import zstandard
+
+    from splitcom.protocol.serde import ZSTD_LEVEL
+
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 
 
 def compare(name: str, rows: list, exact: list) -> str:
@@ -198,11 +217,14 @@ def refresh_table(s, a, data, cut: int, tail: int, exact: list) -> list[str]:
     s.bank.load(GLOBAL, current)
     lines = ["", f"## Refreshes: the receiver holds each sample's tensor from `{a.previous}`'s adapter", "",
              "Each stream alone; its copy is that tensor through the FULL codec named, a REUSE keeps the copy, "
-             "a DELTA adds the decoded residual (exact first: loss and cosines against the exact split).", "",
-             *HEADER]
+             "a DELTA adds the decoded residual (exact first: loss and cosines against the exact split). *sent*: "
+             "the DELTA's bytes after zstd, % of the fp32 tensor (a REUSE sends none).", "",
+             HEADER[0] + " sent |", HEADER[1] + " ---: |"]
     for name, (stream, full, delta) in REFRESHES.items():
-        rows = [step(s, b, cut, tail, {stream: refresh(p[stream], full, delta)}) for b, p in zip(data, prev, strict=True)]
-        lines.append(compare(f"{name} (copy {full})", rows, exact))
+        sent = [0, 0]
+        rows = [step(s, b, cut, tail, {stream: refresh(p[stream], full, delta, sent)})
+                for b, p in zip(data, prev, strict=True)]
+        lines.append(compare(f"{name} (copy {full})", rows, exact) + f" {100 * sent[0] / sent[1]:.2f} |")
         print(lines[-1], flush=True)
     return lines
 
@@ -211,11 +233,7 @@ def budget_table(s, data, cut: int, tail: int) -> list[str]:
     """What each stream costs a first sight under each codec once zstd has run over a batch's payloads (one
     message a batch, as serde frames it), in % of the fp32 payload; and how much of each sample's energy its
     rank-r SVD keeps (the low-rank what-if's bytes are its fp16 factors, zstd'd alike)."""
-    import zstandard
-
-    from splitcom.protocol.serde import ZSTD_LEVEL
-
-    z = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    z = _zstd()
     store: dict[str, torch.Tensor] = {}
     for i, b in enumerate(data):
         step(s, b, cut, tail, {k: record(store, f"{k} {i}") for k in STREAMS})

@@ -113,6 +113,7 @@ FINGERPRINTS = {
     "ushape+shared+linear": "f2b42ca31a696da2",  # server_adapters is not a stream knob
     "ushape+shared+int4-deltas+linear": "24f273c1291e68ef",
     "ushape+shared+lean+skip+linear": "f98495a4cb48a6ab",
+    "ushape+shared+lean+skip+int2o-deltas+linear": "2210cac53aedb43b",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
