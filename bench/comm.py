@@ -244,7 +244,9 @@ ROWS: dict[str, list[str]] = {
     # with every act_up reused from epoch 2, act_down's int4o DELTAs (11.4 % of fp32) and grad_up's int4 ones
     # (8.4 %) are what that row sends every epoch: about 5 % of fp32 U-shape an epoch, so it cannot pass 95 %.
     # int2o DELTAs of both cost 4.3 % and 4.1 % and distort a batch as much as their int4o / int4 first sights
-    # do (stream_distortion.md, eleventh session's refresh table)
+    # do (stream_distortion.md, eleventh session's refresh table). In training it diverged in its first epoch of
+    # DELTAs (epoch 2: batch loss from 1.5 to 7, val ppl 4,379): one refresh measured alone is not the training
+    # loop; which of the two streams does it is not yet known
     "ushape+shared+lean+skip+int2o-deltas+linear": [
         *_ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4, grad_down: int4}", "int4",
                  {"act_up": "sign1o", "act_down": "int2o", "grad_up": "int2o", "grad_down": "int4"}, {"act_up": 0.995}),
