@@ -247,10 +247,13 @@ ROWS: dict[str, list[str]] = {
     # do (stream_distortion.md, eleventh session's refresh table). In training it diverged in its first epoch of
     # DELTAs (epoch 2: batch loss from 1.5 to 7, val ppl 4,379): one refresh measured alone is not the training
     # loop; which of the two streams does it is not yet known
-    "ushape+shared+lean+skip+int2o-deltas+linear": [
+    **{f"ushape+shared+lean+skip+{name}+linear": [
         *_ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4, grad_down: int4}", "int4",
-                 {"act_up": "sign1o", "act_down": "int2o", "grad_up": "int2o", "grad_down": "int4"}, {"act_up": 0.995}),
-        *SHARED_LINEAR, "compression.prefix_refresh=true", f"{T}.reused_grad=skip"],
+                 {"act_up": "sign1o", "act_down": "int4o", "grad_up": "int4", "grad_down": "int4", **delta},
+                 {"act_up": 0.995}),
+        *SHARED_LINEAR, "compression.prefix_refresh=true", f"{T}.reused_grad=skip"]
+       for name, delta in (("int2o-deltas", {"act_down": "int2o", "grad_up": "int2o"}),
+                           ("act_down-int2o", {"act_down": "int2o"}), ("grad_up-int2o", {"grad_up": "int2o"}))},
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(

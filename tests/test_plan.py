@@ -114,6 +114,8 @@ FINGERPRINTS = {
     "ushape+shared+int4-deltas+linear": "24f273c1291e68ef",
     "ushape+shared+lean+skip+linear": "f98495a4cb48a6ab",
     "ushape+shared+lean+skip+int2o-deltas+linear": "2210cac53aedb43b",
+    "ushape+shared+lean+skip+act_down-int2o+linear": "91f1482d02dcc738",
+    "ushape+shared+lean+skip+grad_up-int2o+linear": "d6703e115a7aacc7",
 }
 _ADAPTERS = {"adapters_down": 177630, "adapters_up": 177630, "control": 636}
 RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples per stream)
