@@ -171,12 +171,17 @@ def refresh(prev: torch.Tensor, full: str, delta: str | None, sent: list[int] | 
     up [bytes of the DELTA after zstd (one batch a message, as serde frames it), bytes of the fp32 tensor]."""
     def f(x, lengths):
         copy = roundtrip(prev, full, lengths)
+        residual = unpad((x - copy).detach(), lengths)
         if sent is not None:
-            rows = unpad((x - copy).detach().float(), lengths)
-            sent[1] += sum(4 * r.numel() for r in rows)
-            if delta is not None:
-                sent[0] += len(_zstd().compress(b"".join(get_codec(delta).encode(r) for r in rows)))
-        return copy if delta is None else copy + roundtrip(x - copy, delta, lengths)
+            sent[1] += sum(4 * r.numel() for r in residual)
+        if delta is None:
+            return copy
+        c = get_codec(delta)
+        payloads = [c.encode(r) for r in residual]  # encoded once: counted, then decoded as the receiver does
+        if sent is not None:
+            sent[0] += len(_zstd().compress(b"".join(payloads)))
+        rows = [c.decode(b, r.shape[0], r.shape[1]).to(x.dtype) for b, r in zip(payloads, residual, strict=True)]
+        return copy + pad(rows, x.shape[1]).to(x.device)
     return f
 
 
