@@ -13,6 +13,6 @@ for spec in "$@"; do
   echo "$(date -u +%H:%M:%S) start $tag$spec" >> logs/queue.log
   OMP_NUM_THREADS=1 .venv/bin/python bench/comm.py --rows "$row" --samples "$samples" --epochs "$epochs" --eval-samples 200 \
     --clients 10 --lr 5e-4 --max-length 64 --score 100 --beams 4 --threads 1 --resume --seed "$seed" \
-    --out "$out/$spec" --runs "$runs" --set logging.drift=true > "logs/regime-$tag$spec.log" 2>&1
-  echo "$(date -u +%H:%M:%S) end $tag$spec rc=$?" >> logs/queue.log
+    --out "$out/$spec" --runs "$runs" --set logging.drift=true > "logs/regime-$tag$spec.log" 2>&1; rc=$?
+  echo "$(date -u +%H:%M:%S) end $tag$spec rc=$rc" >> logs/queue.log
 done
