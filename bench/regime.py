@@ -144,12 +144,12 @@ def report(args, runs: dict[str, list[dict]]) -> None:
     ppl = lambda r: r["eval"]["val_ppl"]  # noqa: E731
     bleu = lambda r: r["scores"].get("BLEU")  # noqa: E731
     b_act, b_tot = (_mean([ab(r) for r in base]), _mean([tot(r) for r in base])) if base else (0, 0)
-    # U-shape rows send four streams: their bytes are set against fp32 U-shape (`ushape`) once it has run
-    u_base = runs.get("ushape", [])
+    # U-shape rows send four streams: their bytes are set against fp32 U-shape (--u-base) once it has run
+    u_base = runs.get(args.u_base, [])
     u_act, u_tot = (_mean([ab(r) for r in u_base]), _mean([tot(r) for r in u_base])) if u_base else (b_act, b_tot)
 
     def against_ushape(name: str, cfg) -> bool:
-        return bool(u_base) and cfg.split.mode == "ushape" and name != "ushape"
+        return bool(u_base) and cfg.split.mode == "ushape" and name != args.u_base
     b_ppl = _mean([ppl(r) for r in base]) if base else float("nan")
     b_bleus = [bleu(r) for r in base if bleu(r) is not None]
     b_bleu = _mean(b_bleus) if b_bleus else None
@@ -163,7 +163,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
              f"samples for every row; BLEU etc. on the first {args.score} distinct E2E dev inputs (beam {args.beams}). "
              "Several seeds (`ROW@sN`: train.seed N on the same data, dev set and clients): the mean, and the spread "
              f"(max - min) in brackets. *less* is against fp32 SFL (`{args.base}`); *(U)*: against fp32 U-shape "
-             "(`ushape`, the same four streams in fp32), for U-shape rows once it has run. Δppl and ΔBLEU are "
+             f"(`{args.u_base}`, the same four streams in fp32), for U-shape rows once it has run. Δppl and ΔBLEU are "
              f"against `{args.base}` for every row.", "",
              "## Bytes and quality", "",
              "| row | seeds | act_up MB | act_up less | total MB | total less | per client per round | val ppl | "
@@ -240,7 +240,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         by = lambda r, k: sum(v for s, v in r["eval"]["bytes_by_stream"].items()  # noqa: E731
                               if s == k or (k == "adapters" and s.startswith("adapters")))
         lines += ["", "## U-shape: bytes by stream", "",
-                  "MB per stream at the table's epoch (mean over seeds); *less*: against fp32 U-shape (`ushape`) "
+                  f"MB per stream at the table's epoch (mean over seeds); *less*: against fp32 U-shape (`{args.u_base}`) "
                   "where it has run.", "",
                   "| row | " + " | ".join(streams) + " | total | less |", "| --- |" + " ---: |" * (len(streams) + 2)]
         for name, rs in ushapes.items():
@@ -309,6 +309,8 @@ def main() -> int:
     ap.add_argument("--epoch", type=int, default=2, help="the epoch every row is compared at")
     ap.add_argument("--base", default="baseline", help="the fp32 SFL row every other row is compared with "
                     "(e.g. baseline+linear for rows trained under train.lr_schedule=linear)")
+    ap.add_argument("--u-base", default="ushape", help="the fp32 U-shape row U-shape rows' bytes are set against "
+                    "(e.g. ushape+shared+linear)")
     ap.add_argument("--score", type=int, default=100)
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--watch", action="store_true", help="poll until every row has finished and is scored")
