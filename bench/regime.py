@@ -146,6 +146,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
     b_act, b_tot = (_mean([ab(r) for r in base]), _mean([tot(r) for r in base])) if base else (0, 0)
     # U-shape rows send four streams: their bytes are set against fp32 U-shape (--u-base) once it has run
     u_base = runs.get(args.u_base, [])
+    if not u_base and any(rs and rs[0]["cfg"].split.mode == "ushape" for rs in runs.values()):
+        print(f"warning: --u-base {args.u_base} is not among the rows (or has not finished): U-shape rows' bytes "
+              f"are set against fp32 SFL ({args.base})", file=sys.stderr)
     u_act, u_tot = (_mean([ab(r) for r in u_base]), _mean([tot(r) for r in u_base])) if u_base else (b_act, b_tot)
 
     def against_ushape(name: str, cfg) -> bool:
