@@ -56,6 +56,15 @@ def _ushape(codec: str, grad_codec: str, adapter: str, delta: dict | None = None
             f"{T}.threshold={by_stream(t)}"]
 
 
+def _ushape_lean_skip(delta: dict | None = None) -> list[str]:
+    """U-shape with act_up as in shared+lean@0.995+linear and no grad_down for a REUSEd act_up (reused_grad=skip);
+    ``delta`` overrides streams' DELTA codecs (act_down int4o, grad_up int4). SHARED_LINEAR is bound in ROWS."""
+    return [*_ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4, grad_down: int4}", "int4",
+                     {"act_up": "sign1o", "act_down": "int4o", "grad_up": "int4", "grad_down": "int4", **(delta or {})},
+                     {"act_up": 0.995}),
+            *SHARED_LINEAR, "compression.prefix_refresh=true", f"{T}.reused_grad=skip"]
+
+
 CODEC_MAP = "{act_up: int8, act_down: int8o}"  # int8o only where the massive-activation channels are
 
 ROWS: dict[str, list[str]] = {
@@ -237,18 +246,15 @@ ROWS: dict[str, list[str]] = {
     # of them: act_up as in shared+lean@0.995+linear (1-bit refreshes sharing prompts, reuse at 0.995) with no
     # grad_down for a REUSEd act_up (reused_grad=skip), grad_up's first sights in int4 (8.3 % after zstd against
     # int4o's 11.4 %, head cosine 0.992); act_down as in the int4 row
-    "ushape+shared+lean+skip+linear": (USHAPE_LEAN_SKIP := lambda delta=None: [  # noqa: E731
-        *_ushape("{act_up: int4o, act_down: int4o}", "{grad_up: int4, grad_down: int4}", "int4",
-                 {"act_up": "sign1o", "act_down": "int4o", "grad_up": "int4", "grad_down": "int4", **(delta or {})},
-                 {"act_up": 0.995}),
-        *SHARED_LINEAR, "compression.prefix_refresh=true", f"{T}.reused_grad=skip"])(),
+    "ushape+shared+lean+skip+linear": _ushape_lean_skip(),
     # with every act_up reused from epoch 2, act_down's int4o DELTAs (11.4 % of fp32) and grad_up's int4 ones
     # (8.4 %) are what that row sends every epoch: about 5 % of fp32 U-shape an epoch, so it cannot pass 95 %.
     # int2o DELTAs of both cost 4.3 % and 4.1 % and distort a batch as much as their int4o / int4 first sights
-    # do (stream_distortion.md, eleventh session's refresh table). In training it diverged in its first epoch of
-    # DELTAs (epoch 2: batch loss from 1.5 to 7, val ppl 4,379): one refresh measured alone is not the training
-    # loop; which of the two streams does it is not yet known
-    **{f"ushape+shared+lean+skip+{name}+linear": USHAPE_LEAN_SKIP(delta)
+    # do (stream_distortion.md, eleventh session's refresh table). In training both together diverged in their
+    # first epoch of DELTAs (epoch 2: batch loss from 1.5 to 7, val ppl 4,379); act_down's alone ends epoch 2 at
+    # +8.2 %: a coarser refresh moves the server adapters further, which makes the next DELTA larger
+    # (regime.notes.md, twelfth session)
+    **{f"ushape+shared+lean+skip+{name}+linear": _ushape_lean_skip(delta)
        for name, delta in (("int2o-deltas", {"act_down": "int2o", "grad_up": "int2o"}),
                            ("act_down-int2o", {"act_down": "int2o"}), ("grad_up-int2o", {"grad_up": "int2o"}))},
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9

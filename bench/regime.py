@@ -146,7 +146,8 @@ def report(args, runs: dict[str, list[dict]]) -> None:
     b_act, b_tot = (_mean([ab(r) for r in base]), _mean([tot(r) for r in base])) if base else (0, 0)
     # U-shape rows send four streams: their bytes are set against fp32 U-shape (--u-base) once it has run
     u_base = runs.get(args.u_base, [])
-    if not u_base and any(rs and rs[0]["cfg"].split.mode == "ushape" for rs in runs.values()):
+    ushapes = {n: rs for n, rs in runs.items() if rs and rs[0]["cfg"].split.mode == "ushape"}
+    if not u_base and ushapes:
         print(f"warning: --u-base {args.u_base} is not among the rows (or has not finished): U-shape rows' bytes "
               f"are set against fp32 SFL ({args.base})", file=sys.stderr)
     u_act, u_tot = (_mean([ab(r) for r in u_base]), _mean([tot(r) for r in u_base])) if u_base else (b_act, b_tot)
@@ -237,7 +238,6 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         full = f"{fmt_bytes(cache / samples * share)} / {fmt_bytes(bound)}" if cache is not None and samples else "-"
         lines.append(f"| {name} | {by} | {counts} | {q('between')} | {q('between_channel')} | {q('stale')} | "
                      f"{q('summary')} | {fmt_bytes(cache / n) if cache is not None else '-'} | {full} |")
-    ushapes = {n: rs for n, rs in runs.items() if rs and rs[0]["cfg"].split.mode == "ushape"}
     if ushapes:
         streams = ["act_up", "act_down", "grad_up", "grad_down", "adapters"]
         by = lambda r, k: sum(v for s, v in r["eval"]["bytes_by_stream"].items()  # noqa: E731

@@ -11,9 +11,10 @@ epoch's val ppl. Reads the runs' metrics.jsonl (``runs/...``: bench/results keep
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from splitcom.runlog import read_metrics
 
 
 def step_losses(run: Path) -> dict[tuple[int, int, int], float]:
@@ -21,15 +22,11 @@ def step_losses(run: Path) -> dict[tuple[int, int, int], float]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         sys.exit(f"error: {path} not found (step events live in the run directory, not in bench/results)")
-    out = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            e = json.loads(line)
-        except json.JSONDecodeError as err:
-            sys.exit(f"error: {path}:{n}: not JSON ({err})")
-        if e.get("event") == "step":
-            out[(e["epoch"], e["step"], e["client"])] = e["loss"]
-    return out
+    try:
+        events = read_metrics(path)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    return {(e["epoch"], e["step"], e["client"]): e["loss"] for e in events if e.get("event") == "step"}
 
 
 def main() -> int:

@@ -129,5 +129,13 @@ def rss_bytes() -> int:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """A run's metrics.jsonl as events; a line that is not JSON raises ValueError naming the file and line."""
+    events = []
     with Path(path).open(encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: not a JSON line ({err.msg})") from err
+    return events
