@@ -257,6 +257,11 @@ ROWS: dict[str, list[str]] = {
     **{f"ushape+shared+lean+skip+{name}+linear": _ushape_lean_skip(delta)
        for name, delta in (("int2o-deltas", {"act_down": "int2o", "grad_up": "int2o"}),
                            ("act_down-int2o", {"act_down": "int2o"}), ("grad_up-int2o", {"grad_up": "int2o"}))},
+    # a server whose adapters train for 4 of the 8 epochs (train.server_epochs, the decay over those 4): frozen, its
+    # act_down for a reused act_up stops drifting, so from epoch 6 it is REUSE, and no grad_up goes where no
+    # grad_down comes back. The streams of epochs 2 to 4 cost what the row above's do (54.5 MB an epoch), so the
+    # codecs alone cannot pass 95 %; this asks whether the server needs all 8 epochs (thirteenth session)
+    "ushape+shared+lean+skip+server4+linear": [*_ushape_lean_skip(), "train.server_epochs=4"],
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(

@@ -147,6 +147,11 @@ VOLATILE = {"wall_s", "peak_rss_bytes"}
       "compression.temporal.threshold": 0.3, "compression.temporal.refresh": "delta",
       "compression.temporal.store": "disk", "compression.temporal.streams": ["act_up", "act_down", "grad_up",
                                                                               "grad_down"]}, True),
+    # a U-shape server frozen after epoch 2 (train.server_epochs): the resumed run freezes it at the same step
+    ({"split.mode": "ushape", "split.tail_layers": 1, "compression.temporal.enabled": True,
+      "compression.temporal.streams": ["act_up", "act_down"], "compression.temporal.reused_grad": "skip",
+      "compression.temporal.threshold": {"act_up": -1.0, "act_down": 0.99999}, "federation.server_adapters": "shared",
+      "train.server_epochs": 2, "train.lr_schedule": "linear"}, True),
 ])
 def test_resume_after_a_crash(tmp_path, monkeypatch, over, exact):
     """A run that dies after epoch 1 goes on from its checkpoint: no finished epoch is lost, and it ends

@@ -178,9 +178,23 @@ class TrainCfg(_Strict):
         "the run's last step, as Hugging Face's schedules of those names. A run with a decay cannot be lengthened exactly.")
     warmup_steps: int = Field(0, ge=0, description="Global steps of linear warm-up from 0 to train.lr, before "
                               "the schedule (any schedule).")
+    server_epochs: int | None = Field(
+        None, ge=1, description="Split learning: the server's adapters train for this many epochs only (a decaying "
+        "train.lr_schedule reaches 0 over them) and are frozen after, while the clients' adapters train on to "
+        "train.epochs. A frozen server takes no optimizer step, so its act_down for a reused act_up no longer "
+        "drifts (temporal reuse sends nothing for it), and a client sends no grad_up for a sample whose grad_down "
+        "would be skipped (U-shape with reused_grad=skip). None: the server trains for train.epochs.")
     seed: int = Field(0, description="Seed of model init, shuffling and projections; also of the data and its "
                       "partition unless data.seed is set.")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where tensors live.")
+
+    @field_validator("server_epochs")
+    @classmethod
+    def _server_epochs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        epochs = info.data.get("epochs")
+        if v is not None and epochs is not None and v > epochs:
+            raise ValueError(f"must be <= train.epochs ({epochs})")
+        return v
 
 
 class BangBangCfg(_Strict):
@@ -474,12 +488,16 @@ def _format_error(err: ValidationError) -> str:
 # Keys that describe a split (where the model is cut, what crosses the cut, how the server serves the steps):
 # federated LoRA (`federation.mode=fl`) has no cut, so one of them set away from its default is a mistake.
 SPLIT_ONLY = ("split.", "model.lora.cut_rank", "compression.codec", "compression.grad_codec", "compression.prefix",
-              "compression.temporal.", "federation.server_adapters", "federation.schedule",
+              "compression.temporal.", "federation.server_adapters", "federation.schedule", "train.server_epochs",
               "privacy.")  # (privacy.noise acts on act_up, which fl never sends)
 
 
 def check_mode(cfg: Config) -> Config:
-    """``federation.mode=fl`` with a split-only key changed: UserError naming the key."""
+    """``federation.mode=fl`` with a split-only key changed, or a centralized run with a server-only one:
+    UserError naming the key."""
+    if cfg.federation.mode == "centralized" and cfg.train.server_epochs is not None:
+        raise UserError("federation.mode=centralized has no server to freeze (leave train.server_epochs at null)",
+                        where="train.server_epochs")
     if cfg.federation.mode == "fl":
         bad = [k for k in config_diff(cfg, Config()) if k.startswith(SPLIT_ONLY)]
         if bad:

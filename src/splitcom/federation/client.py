@@ -19,7 +19,7 @@ from splitcom.errors import ProtocolError
 from splitcom.federation.schedule import LRSchedule
 from splitcom.models.adapters import AdapterBank, adapter_optimizer, rank_caps
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
-from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, Stream
+from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, Stream, TensorMsg
 from splitcom.transport.base import Channel
 
 
@@ -40,9 +40,11 @@ class SplitClient:
     def __init__(self, cid: int, split: SplitModel, bank: AdapterBank, cut: int, channel: Channel,
                  samples: list[Sample], plan: SidePlan, *, lr: float, weight_decay: float = 0.0, batch_size: int = 8,
                  pad_id: int = 0, seed: int = 0, device: torch.device | str = "cpu", tail_layers: int = 0,
-                 cut_rank: int | None = None, schedule: LRSchedule | None = None):
+                 cut_rank: int | None = None, schedule: LRSchedule | None = None,
+                 server_frozen_from: int | None = None):
         """``plan``: the client side's stream plan (compress/plan.py); ``tail_layers``: U-shape's client tail;
-        ``schedule``: the rate by global step (None: ``lr`` throughout)."""
+        ``schedule``: the rate by global step (None: ``lr`` throughout); ``server_frozen_from``: the global step
+        from which the server's adapters are frozen (train.server_epochs; None: never)."""
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.device = torch.device(device)
@@ -54,6 +56,7 @@ class SplitClient:
         if self.adapter not in bank.names:
             bank.add_copy(self.adapter)
         self.lr, self.weight_decay, self.cut_rank, self.plan, self.schedule = lr, weight_decay, cut_rank, plan, schedule
+        self.server_frozen_from = server_frozen_from
         self.set_cut(cut)
         self.out, self.inc = stream_ends(plan, split.hidden_size)
         # adapter deltas: the adapter state this client holds as the server knows it (compress/adapter_delta.py)
@@ -121,7 +124,8 @@ class SplitClient:
         rows = unpad(h.detach(), lengths)
         if self.noise is not None:  # the defence: before the codec and reuse, so they see what the server sees
             rows = self.noise(rows)
-        reply = self.channel.request(self.out[Stream.act_up].message(self.cid, step, sids, rows, tokens=prompts))
+        sent = self.out[Stream.act_up].message(self.cid, step, sids, rows, tokens=prompts)
+        reply = self.channel.request(sent)
         loss = reply.scalar
         if self.ushape:  # reply is act_down: run the tail and the loss here, send the gradient up
             h2 = pad(self.inc[Stream.act_down].decode(reply, sids), h.shape[1]).to(self.device).requires_grad_(True)
@@ -130,7 +134,8 @@ class SplitClient:
             out.backward()
             loss = float(out.item())
             reply = self.channel.request(self.out[Stream.grad_up].message(self.cid, step, sids,
-                                                                          unpad(h2.grad, lengths), loss))
+                                                                          unpad(h2.grad, lengths), loss,
+                                                                          self.unneeded_grads(sent, step)))
         grads = self.inc[Stream.grad_down].decode(reply, sids)
         rows = [torch.zeros(n, self.split.hidden_size) if g is None else g for g, n in zip(grads, lengths,
                                                                                            strict=True)]
@@ -139,6 +144,15 @@ class SplitClient:
             self.schedule.apply(self.optimizer, step)
         self.optimizer.step()
         return loss
+
+    def unneeded_grads(self, act_up: TensorMsg, step: int) -> set[int]:
+        """U-shape: the samples whose grad_up goes as SKIP. Once the server's adapters are frozen
+        (train.server_epochs) a sample's gradient serves only its grad_down, which a reused act_up does not get
+        under reused_grad=skip."""
+        if self.server_frozen_from is None or step < self.server_frozen_from \
+                or not self.plan.receives[Stream.grad_down].skip_reused:
+            return set()
+        return {s.sample_id for s in act_up.samples if s.reuse}
 
     # ---- reuse statistics (act_up, as the controller sees them) ------------------------------
     @property

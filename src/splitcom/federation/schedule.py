@@ -45,8 +45,14 @@ class LRSchedule:
             group["lr"] = lr
 
 
-def lr_schedule(train, steps_per_epoch: int) -> LRSchedule | None:
-    """The run's schedule from its ``train`` config, or None where the rate is train.lr throughout."""
+def lr_schedule(train, steps_per_epoch: int, epochs: int | None = None) -> LRSchedule | None:
+    """The run's schedule from its ``train`` config, or None where the rate is train.lr throughout; ``epochs``:
+    the span it decays over (the server's train.server_epochs; None: train.epochs)."""
     if train.lr_schedule == "constant" and train.warmup_steps == 0:
         return None
-    return LRSchedule(train.lr, train.lr_schedule, train.warmup_steps, train.epochs * steps_per_epoch)
+    return LRSchedule(train.lr, train.lr_schedule, train.warmup_steps, (epochs or train.epochs) * steps_per_epoch)
+
+
+def server_frozen_from(train, steps_per_epoch: int) -> int | None:
+    """The first global step at which the server's adapters are frozen (train.server_epochs), or None."""
+    return None if train.server_epochs is None else train.server_epochs * steps_per_epoch

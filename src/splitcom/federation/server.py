@@ -52,10 +52,12 @@ class SplitServer:
     def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], plan: SidePlan, *, lr: float,
                  weight_decay: float = 0.0, server_adapters: str = "per_client", device: torch.device | str = "cpu",
                  tail_layers: int = 0, cache_dir: str | None = None, weights: dict[int, float] | None = None,
-                 cut_rank: int | None = None, schedule: LRSchedule | None = None):
+                 cut_rank: int | None = None, schedule: LRSchedule | None = None, frozen_from: int | None = None):
         """``plan``: the server side's stream plan (compress/plan.py); ``cache_dir``: where disk stores go;
-        ``schedule``: the rate by the global step of each message (None: ``lr`` throughout)."""
+        ``schedule``: the rate by the global step of each message (None: ``lr`` throughout); ``frozen_from``:
+        the global step from which the server's adapters take no step (train.server_epochs; None: never)."""
         self.split, self.bank, self.cuts, self.plan, self.schedule = split, bank, dict(cuts), plan, schedule
+        self.frozen_from = frozen_from
         self.cut_rank = None if server_adapters == "shared" else cut_rank  # (prepare refuses shared + cut rank)
         self.mode, self.device = server_adapters, torch.device(device)
         # FedAvg weights the server knows (sample counts); a client's claim must match, or one client
@@ -260,9 +262,26 @@ class SplitServer:
         h = pad(rows).to(self.device).requires_grad_(True)  # [B, T, H] leaf: its grad goes down
         return h, [s.length for s in msg.samples], reused
 
+    def frozen(self, step: int) -> bool:
+        """Whether the server's adapters are frozen at global step ``step`` (train.server_epochs)."""
+        return self.frozen_from is not None and step >= self.frozen_from
+
+    def _skipped(self, reused: set[int]) -> set[int]:
+        """The samples of a batch that get no grad_down: the reused ones under reused_grad=skip."""
+        return reused if self.plan.sends[Stream.grad_down].skip_reused else set()
+
     def _grad_down(self, cid: int, step: int, h: torch.Tensor, lengths, sids, reused, loss: float) -> TensorMsg:
-        skip = reused if self.plan.sends[Stream.grad_down].skip_reused else set()
-        return self.out[cid][Stream.grad_down].message(cid, step, sids, unpad(h.grad, lengths), loss, skip)
+        skip = self._skipped(reused)
+        rows = unpad(h.grad, lengths) if h.grad is not None else [torch.zeros(n, h.shape[-1]) for n in lengths]
+        return self.out[cid][Stream.grad_down].message(cid, step, sids, rows, loss, skip)
+
+    def _step(self, opt: torch.optim.Optimizer, step: int) -> None:
+        """The server's optimizer step of global step ``step``: none once its adapters are frozen."""
+        if self.frozen(step):
+            return
+        if self.schedule is not None:
+            self.schedule.apply(opt, step)
+        opt.step()
 
     def train_step(self, msg: TensorMsg) -> TensorMsg:
         """Standard mode: body + loss on the server, one round trip."""
@@ -276,9 +295,7 @@ class SplitServer:
         opt.zero_grad(set_to_none=True)
         loss = causal_lm_loss(split.body(h, lengths, self.cuts[cid]), labels)
         loss.backward()
-        if self.schedule is not None:
-            self.schedule.apply(opt, msg.step)
-        opt.step()
+        self._step(opt, msg.step)
         sids = [s.sample_id for s in msg.samples]
         return self._grad_down(cid, msg.step, h, lengths, sids, reused, float(loss.item()))
 
@@ -288,8 +305,11 @@ class SplitServer:
         h, lengths, reused = self._activations(msg)
         split, bank = self.views[cid]
         bank.activate(self.body_adapter(cid), self.server_layers(cid))
-        out = split.run(h, lengths, self.cuts[cid], self.end)
         sids = [s.sample_id for s in msg.samples]
+        # frozen, with no grad_down to send: no gradient will flow back, so no graph is kept
+        graph = not (self.frozen(msg.step) and self._skipped(reused) >= set(sids))
+        with torch.set_grad_enabled(graph):
+            out = split.run(h, lengths, self.cuts[cid], self.end)
         self.pending[cid] = (h, out, lengths, sids, reused, msg.step)
         return self.out[cid][Stream.act_down].message(cid, msg.step, sids, unpad(out.detach(), lengths))
 
@@ -302,17 +322,22 @@ class SplitServer:
         if msg.step != step:
             raise ProtocolError(f"grad_up for step {msg.step}, pending step {step}", field="header.step")
         grads = self.inc[cid][Stream.grad_up].decode(msg, sids)
-        if any(g is None for g in grads):
-            raise ProtocolError("SKIP is not valid on grad_up", field="samples")
+        # once frozen, a gradient only serves its sample's grad_down: a sample without one may come as SKIP
+        unneeded = self._skipped(reused) if self.frozen(step) else set()
+        for i, (sid, g) in enumerate(zip(sids, grads, strict=True)):
+            if g is None and sid not in unneeded:
+                why = "for a sample that gets a grad_down" if self.frozen(step) else "before the server's adapters froze"
+                raise ProtocolError(f"SKIP is not valid on grad_up {why} (sample id {sid})", field=f"samples[{i}]")
         del self.pending[cid]
         name = self.body_adapter(cid)
         self.views[cid][1].activate(name, self.server_layers(cid))
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
-        out.backward(pad(grads, out.shape[1]).to(self.device))
-        if self.schedule is not None:
-            self.schedule.apply(opt, step)
-        opt.step()
+        if len(unneeded) < len(sids):  # (all unneeded: the forward kept no graph, and nothing flows back)
+            rows = [torch.zeros_like(o) if sid in unneeded else g
+                    for sid, g, o in zip(sids, grads, unpad(out.detach(), lengths), strict=True)]
+            out.backward(pad(rows, out.shape[1]).to(self.device))
+        self._step(opt, step)
         return self._grad_down(cid, step, h, lengths, sids, reused, msg.scalar)
 
     def set_threshold(self, value: float | dict[str, float]) -> None:

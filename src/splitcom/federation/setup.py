@@ -20,7 +20,7 @@ from splitcom.data.tokenize import Sample, tokenize
 from splitcom.errors import UserError
 from splitcom.federation.client import SplitClient
 from splitcom.federation.fl import FLClient
-from splitcom.federation.schedule import LRSchedule, lr_schedule
+from splitcom.federation.schedule import LRSchedule, lr_schedule, server_frozen_from
 from splitcom.federation.server import SplitServer
 from splitcom.models.adapters import AdapterBank, attach_lora
 from splitcom.models.hold import hold_only, prefix_length
@@ -131,14 +131,21 @@ def schedule_of(s: Setup) -> LRSchedule | None:
     return lr_schedule(s.cfg.train, max(batches_per_client(s)))
 
 
+def server_schedule_of(s: Setup) -> tuple[LRSchedule | None, int | None]:
+    """The server's rate schedule and the global step its adapters freeze at (train.server_epochs; None: never)."""
+    spe = max(batches_per_client(s))
+    return lr_schedule(s.cfg.train, spe, s.cfg.train.server_epochs), server_frozen_from(s.cfg.train, spe)
+
+
 def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
                 weights: dict[int, float] | None = None) -> SplitServer:
     """The server of a run, as simulation and deployment both build it."""
     cfg = s.cfg
+    schedule, frozen_from = server_schedule_of(s)
     return SplitServer(s.split, s.bank, cuts, stream_plan(cfg, "server"), lr=cfg.train.lr,
                        weight_decay=cfg.train.weight_decay, server_adapters=cfg.federation.server_adapters,
                        device=s.device, tail_layers=tail_layers(cfg), cache_dir=cache_dir, weights=weights,
-                       cut_rank=cfg.model.lora.cut_rank, schedule=schedule_of(s))
+                       cut_rank=cfg.model.lora.cut_rank, schedule=schedule, frozen_from=frozen_from)
 
 
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
@@ -149,6 +156,7 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
     client = kind(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
                   stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
                   pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
-                  cut_rank=cfg.model.lora.cut_rank, schedule=schedule_of(s))
+                  cut_rank=cfg.model.lora.cut_rank, schedule=schedule_of(s),
+                  server_frozen_from=server_schedule_of(s)[1])
     client.noise = act_noise(cfg.privacy, t.seed, cid)  # the privacy defence on act_up (compress/noise.py)
     return client

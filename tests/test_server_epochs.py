@@ -1,0 +1,132 @@
+"""train.server_epochs: the server's adapters train for the first epochs only, then freeze; a frozen server's
+act_down for a reused act_up stops drifting, and U-shape clients send no grad_up where no grad_down comes back."""
+
+import pytest
+import torch
+from conftest import tiny_cfg
+
+from splitcom.errors import UserError
+from splitcom.federation.setup import prepare, schedule_of, server_schedule_of
+from splitcom.federation.simulation import build_sfl, run
+from splitcom.models.split import unpad
+from splitcom.protocol import serde
+from splitcom.protocol.messages import ControlMsg, Stream
+from splitcom.runlog import read_metrics
+from splitcom.transport.counters import ByteCounter
+
+U = {"split.mode": "ushape", "split.cut_layer": 1, "split.tail_layers": 1}
+# every act_up reused from epoch 2 with no gradient for it; act_down refreshed whenever it drifts at all
+LEAN = {"compression.temporal.enabled": True, "compression.temporal.streams": "[act_up,act_down]",
+        "compression.temporal.threshold": "{act_up: -1.0, act_down: 0.99999}",
+        "compression.temporal.reused_grad": "skip", "train.lr_schedule": "linear"}
+
+
+@pytest.mark.parametrize("over,where", [
+    ({"train.server_epochs": 3}, "train.server_epochs"),
+    ({"train.server_epochs": 0}, "train.server_epochs"),
+    ({"train.server_epochs": 1, "federation.mode": "centralized"}, "train.server_epochs"),
+    ({"train.server_epochs": 1, "federation.mode": "fl"}, "train.server_epochs"),
+])
+def test_bad_server_epochs_name_the_key(tmp_path, over, where):
+    with pytest.raises(UserError, match=where.replace(".", r"\.")):
+        run(tiny_cfg(**over), tmp_path, progress=False)
+
+
+def test_server_schedule_decays_over_its_own_epochs():
+    s = prepare(tiny_cfg(**{"train.server_epochs": 1, "train.lr_schedule": "linear"}))
+    server, frozen_from = server_schedule_of(s)
+    client = schedule_of(s)
+    assert frozen_from == server.total == client.total // 2  # 2 epochs for the clients, 1 for the server
+    assert server.at(frozen_from) == 0.0 < client.at(frozen_from)
+    assert server_schedule_of(prepare(tiny_cfg())) == (None, None)
+
+
+def _epoch(server, clients, epoch: int, steps: int) -> None:
+    for k in range(steps):
+        for c in clients:
+            batches = c.epoch_batches(epoch)
+            if k < len(batches):
+                c.train_step(batches[k], (epoch - 1) * steps + k)
+
+
+@pytest.mark.parametrize("mode", ["sfl", "ushape"])
+def test_frozen_server_adapters_do_not_move_while_clients_train(mode):
+    cfg = tiny_cfg(**{"train.server_epochs": 1, "federation.server_adapters": "shared",
+                      **(U if mode == "ushape" else {})})
+    s = prepare(cfg)
+    server, clients = build_sfl(s, ByteCounter())
+    steps = max(len(c.epoch_batches(1)) for c in clients)
+    assert server.frozen_from == steps == clients[0].server_frozen_from
+    _epoch(server, clients, 1, steps)
+    body = range(cfg.split.cut_layer, server.end)
+    before = s.bank.state(server.body_adapter(0), body)
+    head = s.bank.state("c0", clients[0].layers)
+    _epoch(server, clients, 2, steps)
+    after = s.bank.state(server.body_adapter(0), body)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # frozen: the server took no step
+    moved = s.bank.state("c0", clients[0].layers)
+    assert any(not torch.equal(head[k], moved[k]) for k in head)  # the client trained on
+
+
+def _epoch_bytes(path, stream: str) -> list[int]:
+    rounds = [e for e in read_metrics(path) if e["event"] == "round"]
+    per, prev = {}, 0
+    for e in rounds:
+        now = e["bytes_by_stream"].get(stream, 0)
+        per[e["epoch"]] = per.get(e["epoch"], 0) + now - prev
+        prev = now
+    return [per[k] for k in sorted(per)]
+
+
+def test_ushape_frozen_server_sends_no_act_down_and_takes_no_grad_up(tmp_path):
+    """Every act_up reused from epoch 2 under reused_grad=skip. A training server's act_down drifts (DELTAs every
+    epoch) and every gradient goes up. One frozen after epoch 1 takes each grad_up as SKIP from epoch 2, sends
+    act_down's last drift (made while it trained in epoch 1) as DELTAs in epoch 2, and REUSE from epoch 3."""
+    over = {**U, **LEAN, "federation.server_adapters": "shared", "train.epochs": 3}
+    base = run(tiny_cfg(**over), tmp_path / "b", progress=False)
+    froz = run(tiny_cfg(**over, **{"train.server_epochs": 1}), tmp_path / "f", progress=False)
+    down_b, down_f = (_epoch_bytes(tmp_path / r / "metrics.jsonl", "act_down") for r in "bf")
+    up_b, up_f = (_epoch_bytes(tmp_path / r / "metrics.jsonl", "grad_up") for r in "bf")
+    assert down_b[0] == down_f[0] and up_b[0] == up_f[0]  # the first sightings cost the same
+    assert base["transfers_by_stream"]["act_down"]["reuse"] == 0
+    assert froz["transfers_by_stream"]["act_down"]["reuse"] == 48  # every sample in epoch 3
+    assert down_f[2] < 0.1 * down_b[2]
+    assert up_f[1] < 0.1 * up_b[1] and up_f[2] < 0.1 * up_b[2]  # SKIP rows: a header and a flag per sample
+    assert froz["val_loss"] < froz["initial_val_loss"]
+
+
+def _pending_step(server, client, step: int):
+    """Client 0's first act_up of epoch 2 (all reused) and the server's pending forward for it."""
+    batch = client.epoch_batches(2)[0]
+    client.bank.activate(client.adapter, client.layers)
+    h = client.split.head(batch.input_ids, batch.lengths, client.cut)
+    msg = client.out[Stream.act_up].message(client.cid, step, batch.sample_ids, unpad(h.detach(), batch.lengths))
+    assert all(s.reuse for s in msg.samples)
+    server.handle_bytes(client.cid, serde.encode(msg))
+    return batch
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_skip_grad_up_where_a_gradient_is_needed_is_refused(frozen):
+    """A SKIP row on grad_up before the freeze, or for a sample whose grad_down is due, is an error reply naming
+    the sample's field; the pending forward stays, and a proper grad_up is then served."""
+    over = {**U, **LEAN, "federation.server_adapters": "shared", "train.server_epochs": 1 if frozen else 2}
+    if frozen:  # gradients for reused samples come back: each is due
+        over["compression.temporal.reused_grad"] = "apply"
+    s = prepare(tiny_cfg(**over))
+    server, clients = build_sfl(s, ByteCounter())
+    steps = max(len(c.epoch_batches(1)) for c in clients)
+    _epoch(server, clients, 1, steps)
+    c = clients[0]
+    batch = _pending_step(server, c, steps)
+    bad = c.out[Stream.grad_up].message(c.cid, steps, batch.sample_ids,
+                                        [torch.zeros(n, s.split.hidden_size) for n in batch.lengths],
+                                        skip={batch.sample_ids[0]})
+    reply = serde.decode(server.handle_bytes(c.cid, serde.encode(bad)))
+    assert isinstance(reply, ControlMsg) and reply.kind == "error"
+    assert reply.body["field"] == "samples[0]" and "SKIP is not valid on grad_up" in reply.body["message"]
+    assert c.cid in server.pending
+    good = c.out[Stream.grad_up].message(c.cid, steps, batch.sample_ids,
+                                         [torch.zeros(n, s.split.hidden_size) for n in batch.lengths])
+    assert serde.decode(server.handle_bytes(c.cid, serde.encode(good))).stream == Stream.grad_down
+
