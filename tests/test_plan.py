@@ -113,6 +113,7 @@ FINGERPRINTS = {
     "ushape+shared+linear": "f2b42ca31a696da2",  # server_adapters is not a stream knob
     "ushape+shared+int4-deltas+linear": "24f273c1291e68ef",
     "ushape+shared+lean+skip+linear": "f98495a4cb48a6ab",
+    "ushape+shared+lean+skip+server4+linear": "f98495a4cb48a6ab",  # the same ends; the server freezes after epoch 4
     "ushape+shared+lean+skip+int2o-deltas+linear": "2210cac53aedb43b",
     "ushape+shared+lean+skip+act_down-int2o+linear": "91f1482d02dcc738",
     "ushape+shared+lean+skip+grad_up-int2o+linear": "d6703e115a7aacc7",
@@ -161,6 +162,8 @@ def row_cfg(name: str):
     over = [f"{k}={v}" for k, v in BASE.items()] + ROWS[name]
     if "split.mode=ushape" in ROWS[name]:
         over.append("split.cut_layer=1")
+    if any(o.startswith("train.server_epochs=") for o in ROWS[name]):  # (bench runs it for 8 epochs)
+        over.append("train.epochs=8")
     return build_config({}, over)
 
 
