@@ -28,6 +28,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _at_most(v: int | None, info: ValidationInfo, sibling: str, name: str) -> int | None:
+    """A field validator's check that an optional count does not pass its section's ``sibling`` (``name``)."""
+    cap = info.data.get(sibling)
+    if v is not None and cap is not None and v > cap:
+        raise ValueError(f"must be <= {name} ({cap})")
+    return v
+
+
 class LoraCfg(_Strict):
     rank: int = Field(8, ge=1, description="LoRA rank r of every adapted module.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha/r).")
@@ -45,10 +53,7 @@ class LoraCfg(_Strict):
     @field_validator("cut_rank")
     @classmethod
     def _cut_rank_fits(cls, v: int | None, info: ValidationInfo) -> int | None:
-        rank = info.data.get("rank")
-        if v is not None and rank is not None and v > rank:
-            raise ValueError(f"must be <= model.lora.rank ({rank})")
-        return v
+        return _at_most(v, info, "rank", "model.lora.rank")
 
 
 class ModelCfg(_Strict):
@@ -191,10 +196,7 @@ class TrainCfg(_Strict):
     @field_validator("server_epochs")
     @classmethod
     def _server_epochs(cls, v: int | None, info: ValidationInfo) -> int | None:
-        epochs = info.data.get("epochs")
-        if v is not None and epochs is not None and v > epochs:
-            raise ValueError(f"must be <= train.epochs ({epochs})")
-        return v
+        return _at_most(v, info, "epochs", "train.epochs")
 
 
 class BangBangCfg(_Strict):
