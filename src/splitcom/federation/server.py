@@ -334,9 +334,10 @@ class SplitServer:
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         if len(unneeded) < len(sids):  # (all unneeded: the forward kept no graph, and nothing flows back)
-            rows = [torch.zeros_like(o) if sid in unneeded else g
-                    for sid, g, o in zip(sids, grads, unpad(out.detach(), lengths), strict=True)]
-            out.backward(pad(rows, out.shape[1]).to(self.device))
+            if unneeded:
+                grads = [torch.zeros(n, out.shape[-1]) if sid in unneeded else g
+                         for sid, g, n in zip(sids, grads, lengths, strict=True)]
+            out.backward(pad(grads, out.shape[1]).to(self.device))
         self._step(opt, step)
         return self._grad_down(cid, step, h, lengths, sids, reused, msg.scalar)
 

@@ -157,6 +157,6 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
                   stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
                   pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
                   cut_rank=cfg.model.lora.cut_rank, schedule=schedule_of(s),
-                  server_frozen_from=server_schedule_of(s)[1])
+                  server_frozen_from=server_frozen_from(t, max(batches_per_client(s))))
     client.noise = act_noise(cfg.privacy, t.seed, cid)  # the privacy defence on act_up (compress/noise.py)
     return client
