@@ -262,6 +262,11 @@ ROWS: dict[str, list[str]] = {
     # grad_down comes back. The streams of epochs 2 to 4 cost what the row above's do (54.5 MB an epoch), so the
     # codecs alone cannot pass 95 %; this asks whether the server needs all 8 epochs (thirteenth session)
     "ushape+shared+lean+skip+server4+linear": [*_ushape_lean_skip(), "train.server_epochs=4"],
+    # the same freeze as a hard stop (train.server_decay=epochs): the server follows the clients' 8-epoch decay and
+    # stops at half the rate after epoch 4, so epochs 1 to 4 are the unfrozen row's, not a faster decay's. server4
+    # lost its quality while its server still trained (+1.92 % at the freeze; BLEU -0.0287) (fourteenth session)
+    "ushape+shared+lean+skip+stop4+linear": [*_ushape_lean_skip(), "train.server_epochs=4",
+                                             "train.server_decay=epochs"],
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(

@@ -26,6 +26,8 @@ LEAN = {"compression.temporal.enabled": True, "compression.temporal.streams": "[
     ({"train.server_epochs": 0}, "train.server_epochs"),
     ({"train.server_epochs": 1, "federation.mode": "centralized"}, "train.server_epochs"),
     ({"train.server_epochs": 1, "federation.mode": "fl"}, "train.server_epochs"),
+    ({"train.server_decay": "epochs"}, "train.server_decay"),  # a hard stop with nothing to stop
+    ({"train.server_epochs": 1, "train.server_decay": "halfway"}, "train.server_decay"),
 ])
 def test_bad_server_epochs_name_the_key(tmp_path, over, where):
     with pytest.raises(UserError, match=where.replace(".", r"\.")):
@@ -39,6 +41,15 @@ def test_server_schedule_decays_over_its_own_epochs():
     assert frozen_from == server.total == client.total // 2  # 2 epochs for the clients, 1 for the server
     assert server.at(frozen_from) == 0.0 < client.at(frozen_from)
     assert server_schedule_of(prepare(tiny_cfg())) == (None, None)
+
+
+def test_hard_stop_follows_the_clients_schedule_to_the_freeze():
+    s = prepare(tiny_cfg(**{"train.server_epochs": 1, "train.server_decay": "epochs", "train.lr_schedule": "linear"}))
+    server, frozen_from = server_schedule_of(s)
+    client = schedule_of(s)
+    assert server.total == client.total == 2 * frozen_from
+    assert [server.at(k) for k in range(frozen_from + 1)] == [client.at(k) for k in range(frozen_from + 1)]
+    assert server.at(frozen_from) == pytest.approx(client.lr / 2)  # where the freeze finds it: half the rate
 
 
 def _epoch(server, clients, epoch: int, steps: int) -> None:

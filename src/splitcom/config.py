@@ -189,6 +189,10 @@ class TrainCfg(_Strict):
         "train.epochs. A frozen server takes no optimizer step, so its act_down for a reused act_up no longer "
         "drifts (temporal reuse sends nothing for it), and a client sends no grad_up for a sample whose grad_down "
         "would be skipped (U-shape with reused_grad=skip). None: the server trains for train.epochs.")
+    server_decay: Literal["server_epochs", "epochs"] = Field(
+        "server_epochs", description="With train.server_epochs: the span the server's decaying rate runs over. "
+        "`server_epochs`: it reaches 0 at the freeze; `epochs`: it follows the clients' schedule over train.epochs "
+        "and the server stops where that schedule stands at the freeze (a hard stop).")
     seed: int = Field(0, description="Seed of model init, shuffling and projections; also of the data and its "
                       "partition unless data.seed is set.")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="Where tensors live.")
@@ -197,6 +201,13 @@ class TrainCfg(_Strict):
     @classmethod
     def _server_epochs(cls, v: int | None, info: ValidationInfo) -> int | None:
         return _at_most(v, info, "epochs", "train.epochs")
+
+    @field_validator("server_decay")
+    @classmethod
+    def _server_decay(cls, v: str, info: ValidationInfo) -> str:
+        if v != "server_epochs" and "server_epochs" in info.data and info.data["server_epochs"] is None:
+            raise ValueError("applies only with train.server_epochs set (the server otherwise trains for train.epochs)")
+        return v
 
 
 class BangBangCfg(_Strict):

@@ -133,8 +133,9 @@ def schedule_of(s: Setup) -> LRSchedule | None:
 
 def server_schedule_of(s: Setup) -> tuple[LRSchedule | None, int | None]:
     """The server's rate schedule and the global step its adapters freeze at (train.server_epochs; None: never)."""
-    spe = max(batches_per_client(s))
-    return lr_schedule(s.cfg.train, spe, s.cfg.train.server_epochs), server_frozen_from(s.cfg.train, spe)
+    spe, t = max(batches_per_client(s)), s.cfg.train
+    span = t.server_epochs if t.server_decay == "server_epochs" else None  # None: over train.epochs (a hard stop)
+    return lr_schedule(t, spe, span), server_frozen_from(t, spe)
 
 
 def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
