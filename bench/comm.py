@@ -345,9 +345,25 @@ def reference_rows(args) -> dict:
     return rows
 
 
-# what a fork may change (--fork-from): codecs only; the thresholds and controller state come from the checkpoint
+# what a fork may change (--fork-from): codecs, and the server's freeze where exact; the thresholds and controller
+# state come from the checkpoint
 FORKABLE = ("compression.codec", "compression.grad_codec", "compression.temporal.delta_codec",
-            "compression.adapter_delta_codec", "compression.prefix_refresh", "train.epochs")
+            "compression.adapter_delta_codec", "compression.prefix_refresh", "train.epochs",
+            "train.server_epochs", "train.server_decay")  # the freeze: only where server_fork_refusal allows it
+
+
+def server_fork_refusal(parent, row, epoch: int, changed: list[str]) -> str | None:
+    """Why a fork that moves the server's freeze (train.server_epochs / server_decay) would not be exact, or None.
+    Exact only where both runs' servers followed the clients' schedule over every epoch the parent trained (no
+    freeze, or a hard stop) and neither froze within them: then the copied epochs are the row's own."""
+    if not any(k.startswith(("train.server_epochs", "train.server_decay")) for k in changed):
+        return None
+    for name, t in (("the parent", parent), ("the row", row)):
+        if t.server_epochs is not None and t.server_decay != "epochs":
+            return f"{name}'s server decays over its own {t.server_epochs} epochs, so its rate differs from step 0"
+        if t.server_epochs is not None and t.server_epochs < epoch:
+            return f"{name}'s server froze after epoch {t.server_epochs}, before the fork's epoch {epoch}"
+    return None
 
 
 def fork(parent: Path, cfg, where: Path) -> None:
@@ -370,6 +386,8 @@ def fork(parent: Path, cfg, where: Path) -> None:
         sys.exit(f"{parent / 'config.yaml'}: a fork may change only {', '.join(FORKABLE)}; this row also "
                  f"changes {', '.join(bad)} (--fork-from)")
     epoch = torch.load(parent / CHECKPOINT, weights_only=True, mmap=True)["epoch"]
+    if why := server_fork_refusal(load_config(parent / "config.yaml").train, cfg.train, epoch, changed):
+        sys.exit(f"{parent}: {why} (--fork-from)")
     if cfg.train.epochs <= epoch:
         sys.exit(f"{parent}: already {epoch} epochs; --epochs {cfg.train.epochs} leaves nothing to fork (--fork-from)")
     if "train.epochs" in changed and (why := lengthening_refusal(cfg)):

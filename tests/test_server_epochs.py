@@ -1,6 +1,9 @@
 """train.server_epochs: the server's adapters train for the first epochs only, then freeze; a frozen server's
 act_down for a reused act_up stops drifting, and U-shape clients send no grad_up where no grad_down comes back."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import tiny_cfg
@@ -50,6 +53,27 @@ def test_hard_stop_follows_the_clients_schedule_to_the_freeze():
     assert server.total == client.total == 2 * frozen_from
     assert [server.at(k) for k in range(frozen_from + 1)] == [client.at(k) for k in range(frozen_from + 1)]
     assert server.at(frozen_from) == pytest.approx(client.lr / 2)  # where the freeze finds it: half the rate
+
+
+def test_bench_forks_move_the_freeze_only_where_exact():
+    """bench/comm.py --fork-from may move a hard stop later (the copied epochs are the row's own), never a freeze
+    with its own decay, nor one that fell within the copied epochs."""
+    spec = importlib.util.spec_from_file_location("bench_comm", Path(__file__).resolve().parents[1] / "bench/comm.py")
+    comm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(comm)
+
+    def train(**over):
+        return tiny_cfg(**{"train.epochs": 8, "train.lr_schedule": "linear", **over}).train
+
+    stop = {"train.server_decay": "epochs"}
+    moved = ["train.server_epochs"]
+    assert comm.server_fork_refusal(train(), train(), 4, ["compression.codec"]) is None  # the freeze untouched
+    assert comm.server_fork_refusal(train(**{"train.server_epochs": 4}, **stop),
+                                    train(**{"train.server_epochs": 5}, **stop), 4, moved) is None
+    assert comm.server_fork_refusal(train(), train(**{"train.server_epochs": 6}, **stop), 4, moved) is None
+    assert "froze after epoch 3" in comm.server_fork_refusal(
+        train(**{"train.server_epochs": 3}, **stop), train(**{"train.server_epochs": 5}, **stop), 4, moved)
+    assert "its own 5 epochs" in comm.server_fork_refusal(train(), train(**{"train.server_epochs": 5}), 4, moved)
 
 
 def _epoch(server, clients, epoch: int, steps: int) -> None:
