@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -14,6 +15,14 @@ requires_e2e = pytest.mark.skipif(not (E2E_DIR / "trainset.csv").is_file(),
 @pytest.fixture(scope="session", autouse=True)
 def _quiet():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def bench_comm():
+    """bench/comm.py as a module (its ROWS, fork rules): a script, not part of the package."""
+    spec = importlib.util.spec_from_file_location("bench_comm", Path(__file__).resolve().parents[1] / "bench" / "comm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_cfg(**over):

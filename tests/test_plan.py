@@ -15,12 +15,11 @@ the recording machine they matched to the byte.
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import bench_comm
 
 from splitcom.compress.plan import StreamPlan, stream_plan
 from splitcom.config import build_config
@@ -28,7 +27,6 @@ from splitcom.federation.setup import make_client, make_server, prepare
 from splitcom.federation.simulation import run
 from splitcom.protocol.messages import Stream
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "comm.py"
 BASE = {"model.name": "tiny-llama", "split.cut_layer": 2, "data.dataset": "synthetic",
         "data.max_train_samples": 48, "data.max_eval_samples": 16, "data.max_length": 48,
         "federation.num_clients": 3, "train.epochs": 2, "train.batch_size": 8, "train.lr": 0.0003,
@@ -148,14 +146,7 @@ RUNS = {  # row: (bytes by stream, final val loss, (FULL, REUSE, DELTA) samples 
 }
 
 
-def _rows() -> dict[str, list[str]]:
-    spec = importlib.util.spec_from_file_location("bench_comm", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.ROWS
-
-
-ROWS = _rows()
+ROWS = bench_comm().ROWS
 
 
 def row_cfg(name: str):

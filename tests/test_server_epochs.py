@@ -1,12 +1,9 @@
 """train.server_epochs: the server's adapters train for the first epochs only, then freeze; a frozen server's
 act_down for a reused act_up stops drifting, and U-shape clients send no grad_up where no grad_down comes back."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import bench_comm, tiny_cfg
 
 from splitcom.errors import UserError
 from splitcom.federation.setup import prepare, schedule_of, server_schedule_of
@@ -58,9 +55,7 @@ def test_hard_stop_follows_the_clients_schedule_to_the_freeze():
 def test_bench_forks_move_the_freeze_only_where_exact():
     """bench/comm.py --fork-from may move a hard stop later (the copied epochs are the row's own), never a freeze
     with its own decay, nor one that fell within the copied epochs."""
-    spec = importlib.util.spec_from_file_location("bench_comm", Path(__file__).resolve().parents[1] / "bench/comm.py")
-    comm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(comm)
+    comm = bench_comm()
 
     def train(**over):
         return tiny_cfg(**{"train.epochs": 8, "train.lr_schedule": "linear", **over}).train
