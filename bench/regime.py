@@ -2,7 +2,7 @@
 finished epoch's adapter, scores it, and writes bench/results/regime.md.
 
     .venv/bin/python bench/regime.py [--runs runs/regime] [--rows baseline centralized] [--score 100]
-                                     [--watch] [--threads 1]
+                                     [--watch] [--threads 1] [--kept bench/results/regime]
 
 A row's `adapter/` is overwritten at every epoch, so a snapshot (config.yaml + adapter/) of each finished epoch
 goes to RUNS/ROW/epochs/N/ as soon as the row's checkpoint says the epoch finished; each snapshot is scored once
@@ -11,6 +11,10 @@ At a constant rate (train.lr_schedule: constant) nothing depends on the number o
 3-epoch row is the end of an N-epoch row: one long row gives the whole quality-against-epochs curve (not so
 under a decaying schedule). With --watch it polls until every row has finished and every epoch is scored
 (resumable: snapshots and scores already there are kept).
+
+runs/ need not outlive a session (a fresh checkout has none): with --kept DIR each finished run's log (less its
+step events), summary, scores, config.yaml and replayed clocks (replay.json) are copied to DIR/ROW, and a row whose
+run is gone is read from there. Its time to quality needs that replay.json (rows kept before it was: none).
 """
 
 from __future__ import annotations
@@ -96,8 +100,53 @@ def replayed(row: Path) -> dict[str, list[dict]]:
     return old["fleets"]
 
 
-def gather(row: Path, epoch: int, beams: int, n: int) -> dict | None:
-    """What the tables need of one run at ``epoch`` (None while that epoch has not finished)."""
+def kept_config(kept: Path):
+    """A kept row's config: its config.yaml, else (kept before config.yaml was) rebuilt as bench/comm.py built it,
+    from the arguments in its comm.json and the row's definition (tests/test_plan.py pins those)."""
+    import ast
+    import importlib.util
+
+    from splitcom.config import build_config, load_config
+
+    if (kept / "config.yaml").is_file():
+        return load_config(kept / "config.yaml")
+    spec = importlib.util.spec_from_file_location("bench_comm", ROOT / "bench" / "comm.py")
+    comm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(comm)
+    a = json.loads((kept / "comm.json").read_text())["args"]
+    name = kept.name.split("@s")[0]
+    if name not in ast.literal_eval(a["rows"]) or name not in comm.ROWS:
+        sys.exit(f"{kept / 'comm.json'}: does not hold row {name} (rows {a['rows']}), or bench/comm.py no longer "
+                 "defines it: keep its config.yaml")
+    ns = argparse.Namespace(model=a["model"], dataset=a["dataset"], samples=int(a["samples"]),
+                            eval_samples=int(a["eval_samples"]), max_length=int(a["max_length"]),
+                            alpha=float(a["alpha"]), clients=int(a["clients"]), epochs=int(a["epochs"]),
+                            batch_size=int(a["batch_size"]), lr=float(a["lr"]), cut=int(a["cut"]))
+    seed = int(a["seed"])
+    extra = [f"train.seed={seed}", "data.seed=0"] if seed else []
+    return build_config({}, comm.for_row(name, comm.common(ns) + extra + ast.literal_eval(a["extra"])) +
+                        comm.ROWS[name])
+
+
+def keep(row: Path, dest: Path) -> None:
+    """Copy what the tables need of a finished run into ``dest`` (its bench/results folder), since runs/ need not
+    outlive a session: the log without step events, summary, final scores, config.yaml and the replayed clocks
+    (replay.json: the only thing the step events are read for)."""
+    summary = json.loads((row / "summary.json").read_text()) if (row / "summary.json").is_file() else {}
+    if summary.get("epochs") is None or not (row / "replay.json").is_file():
+        return  # unfinished, or centralized (no fleets to replay)
+    (dest / "eval").mkdir(parents=True, exist_ok=True)
+    with open(row / "metrics.jsonl") as src, open(dest / "metrics.jsonl", "w") as out:
+        out.writelines(line for line in src if '"event": "step"' not in line)
+    for name in ("summary.json", "config.yaml", "replay.json", "eval/scores.json"):
+        if (row / name).is_file():
+            shutil.copy(row / name, dest / name)
+
+
+def gather(row: Path, epoch: int, beams: int, n: int, kept: bool = False) -> dict | None:
+    """What the tables need of one run at ``epoch`` (None while that epoch has not finished). ``kept``: ``row`` is
+    what `keep` (or the manual copy before it) left in bench/results, its run gone: no step events to replay, so
+    the clocks are those of its replay.json, or none."""
     from splitcom.config import load_config
     from splitcom.runlog import read_metrics
 
@@ -107,7 +156,7 @@ def gather(row: Path, epoch: int, beams: int, n: int) -> dict | None:
     ev = {e["epoch"]: e for e in events if e["event"] == "eval"}
     if epoch not in ev:
         return None
-    cfg = load_config(row / "config.yaml")
+    cfg = kept_config(row) if kept else load_config(row / "config.yaml")
     reuse = {e["epoch"]: e for e in events if e["event"] == "reuse"}
     summary = json.loads((row / "summary.json").read_text()) if (row / "summary.json").is_file() else {}
     sc = {}
@@ -119,8 +168,14 @@ def gather(row: Path, epoch: int, beams: int, n: int) -> dict | None:
                 sc = got
                 break
     fed = cfg.federation.mode != "centralized"
+    if not fed:
+        fleets = {}
+    elif kept:
+        fleets = json.loads((row / "replay.json").read_text())["fleets"] if (row / "replay.json").is_file() else {}
+    else:
+        fleets = replayed(row)
     return {"cfg": cfg, "eval": ev[epoch], "evals": ev, "reuse": reuse, "summary": summary, "scores": sc,
-            "fleets": replayed(row) if fed else {}, "epoch": epoch}
+            "fleets": fleets, "epoch": epoch}
 
 
 def _mean(xs: list[float]) -> float:
@@ -174,6 +229,7 @@ def report(args, runs: dict[str, list[dict]]) -> None:
              "Δppl | BLEU | ΔBLEU | paired Δppl / ΔBLEU | NIST | METEOR | ROUGE_L | CIDEr |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     by_seed = {r["cfg"].train.seed: r for r in base}
+    u_by_seed = {r["cfg"].train.seed: r for r in u_base}
     for name, rs in runs.items():
         if not rs:
             continue
@@ -190,11 +246,15 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         dppl = f"{100 * (_mean(p) / b_ppl - 1):+.2f} %" if base and name != args.base else "-"
         dbleu = f"{_mean(bl) - b_bleu:+.4f}" if bl and b_bleu is not None and name != args.base else "-"
         # each seed against fp32 SFL of the same seed (same LoRA init and batch order): less noisy than the means
-        pairs = [(r, by_seed[r["cfg"].train.seed]) for r in rs if r["cfg"].train.seed in by_seed]
-        pp = [100 * (ppl(r) / ppl(b) - 1) for r, b in pairs]
-        pb = [bleu(r) - bleu(b) for r, b in pairs if bleu(r) is not None and bleu(b) is not None]
-        paired = "-" if not pp or name == args.base else (
-            f"{_mean(pp):+.2f} % ({len(pp)}) / " + (f"{_mean(pb):+.4f} ({len(pb)})" if pb else "-"))
+        def paired_with(seeds: dict, rs=rs) -> str:
+            pairs = [(r, seeds[r["cfg"].train.seed]) for r in rs if r["cfg"].train.seed in seeds]
+            pp = [100 * (ppl(r) / ppl(b) - 1) for r, b in pairs]
+            pb = [bleu(r) - bleu(b) for r, b in pairs if bleu(r) is not None and bleu(b) is not None]
+            return "-" if not pp else f"{_mean(pp):+.2f} % ({len(pp)}) / " + (
+                f"{_mean(pb):+.4f} ({len(pb)})" if pb else "-")
+        paired = "-" if name == args.base else paired_with(by_seed)
+        if ushape:  # and against fp32 U-shape of the same seed, the U-shape goal's reference
+            paired += f"; (U) {paired_with(u_by_seed)}"
         lines.append(
             f"| {name} | {len(rs)} | {mb(a) if fed else '-'} | {_red(a, r_act) if fed else '-'}{' (U)' if ushape else ''} | "
             f"{mb(t) if fed else '-'} | {_red(t, r_tot) if fed else '-'}{' (U)' if ushape else ''} | "
@@ -207,7 +267,8 @@ def report(args, runs: dict[str, list[dict]]) -> None:
               if len(base) > 1 else "not measured yet (one seed finished)")
     lines += ["", f"fp32 SFL seed-to-seed spread: {spread}. A row's difference from fp32 SFL counts as no quality "
               "loss only where it is within that spread. *paired*: the mean over a row's seeds of its difference "
-              "from fp32 SFL of the same seed (same LoRA init and batch order; in brackets, how many seeds were paired).", "",
+              "from fp32 SFL of the same seed (same LoRA init and batch order; in brackets, how many seeds were paired); "
+              "*(U)*: the same against fp32 U-shape.", "",
               "## What reuse does: reuse by epoch, samples sent, true drift between sightings", "",
               "Drift is 1 - cos of the act_up tensor itself between a sample's sightings in consecutive epochs "
               "(`logging.drift`, compress/drift.py): median / p90; *per channel*: the same with every channel "
@@ -264,7 +325,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
               "| --- | " + " | ".join("---: | ---:" for _ in FLEETS) + " | ---: |"]
 
     def to_quality(rs: list, f: str) -> tuple[list[float], list[float]]:
-        """Per seed: simulated seconds to the target (seeds that reach it) and for all E epochs."""
+        """Per seed with clocks (a kept row's run may be gone without its replay.json): simulated seconds to the
+        target (seeds that reach it) and for all E epochs."""
+        rs = [r for r in rs if r["fleets"]]
         ttq = [next((e["simulated_s"] for e in r["fleets"][f] if e["epoch"] <= E and e["val_ppl"] <= target),
                     None) for r in rs]
         return [x for x in ttq if x is not None], [next(e["simulated_s"] for e in r["fleets"][f] if e["epoch"] == E)
@@ -276,18 +339,23 @@ def report(args, runs: dict[str, list[dict]]) -> None:
         if not rs or rs[0]["cfg"].federation.mode == "centralized":
             continue
         cells = []
+        clocked = [r for r in rs if r["fleets"]]
         for f in FLEETS:
+            if not clocked:
+                cells += ["no clock kept", "-"]
+                continue
             reached, done = to_quality(rs, f)
             shorter = ""
             if name != args.base and reached and base_t.get(f, ([],))[0]:
                 shorter = f", {_mean(base_t[f][0]) / _mean(reached):.2f}x shorter"
+            gone = "" if len(clocked) == len(rs) else f"; {len(rs) - len(clocked)} without a kept clock"
             cells += [f"{_mean(reached) / 60:.2f} min" + shorter + ("" if len(reached) == len(rs) else
-                      f" ({len(reached)} of {len(rs)} seeds)") if reached else "not reached",
+                      f" ({len(reached)} of {len(rs)} seeds{gone})") if reached else "not reached",
                       f"{_mean(done) / 60:.2f} min" + (f", {_mean(base_t[f][1]) / _mean(done):.2f}x" if name !=
-                                                       args.base and base_t.get(f) else "")]
+                                                       args.base and base_t.get(f, ([], []))[1] else "")]
         # the replay's estimate is today's time model (a run's summary keeps the one it ran with)
-        mem = next(iter(rs[0]["fleets"].values()))[-1].get("memory_estimate_bytes") or \
-            rs[0]["summary"].get("client_memory_estimate_bytes")
+        mem = (next(iter(clocked[0]["fleets"].values()))[-1].get("memory_estimate_bytes") if clocked else None) \
+            or rs[0]["summary"].get("client_memory_estimate_bytes")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {fmt_bytes(max(mem)) if mem else '-'} |")
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "regime.md"
@@ -317,6 +385,10 @@ def main() -> int:
     ap.add_argument("--score", type=int, default=100)
     ap.add_argument("--beams", type=int, default=4)
     ap.add_argument("--watch", action="store_true", help="poll until every row has finished and is scored")
+    ap.add_argument("--kept", type=Path, default=None, metavar="DIR",
+                    help="bench/results folder of the rows (e.g. bench/results/regime8): a row whose run under "
+                         "--runs is gone is read from DIR/ROW (eval and reuse events, summary, scores, and the "
+                         "replayed clocks where replay.json was kept), and each finished run is copied there")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = ap.parse_args()
@@ -328,15 +400,28 @@ def main() -> int:
     while True:
         runs: dict[str, list[dict]] = {}
         busy = False
-        names = args.rows or sorted(p.name for p in args.runs.iterdir() if (p / "config.yaml").is_file())
+        names = args.rows or sorted({p.name for p in args.runs.glob("*") if (p / "config.yaml").is_file()} |
+                                    ({p.name for p in args.kept.iterdir() if (p / "metrics.jsonl").is_file()}
+                                     if args.kept else set()))
         for name in names:
             row = args.runs / name
+            if not (row / "config.yaml").is_file():  # its run is gone: what bench/results kept of it
+                kept = args.kept / name if args.kept else None
+                if kept is None or not (kept / "metrics.jsonl").is_file():
+                    sys.exit(f"{row}: no run there" + (f", and nothing kept in {kept}" if kept else
+                                                       " (--kept DIR reads what bench/results keeps of a row)"))
+                got = gather(kept, args.epoch, args.beams, args.score, kept=True)
+                if got is not None:
+                    runs.setdefault(name.split("@s")[0], []).append(got)
+                continue
             longer = load_config(row / "config.yaml").train.epochs > args.epoch  # comm.py --score scores the last
             for epoch in snapshot(row):
                 if epoch == args.epoch and longer:
                     sc = score(row / "epochs" / str(epoch), args.score, args.beams)
                     print(f"{name} epoch {epoch}: BLEU {sc['BLEU']:.4f}", flush=True)
             got = gather(row, args.epoch, args.beams, args.score)
+            if got is not None and args.kept:
+                keep(row, args.kept / name)
             busy |= got is None or not got["scores"]
             if got is not None:
                 runs.setdefault(name.split("@s")[0], []).append(got)
