@@ -301,6 +301,12 @@ def common(args) -> list[str]:
             "logging.progress=false"]
 
 
+def row_config(name: str, args):
+    """Row ``name``'s config under this script's arguments (``args.seed`` > 0: train.seed on data.seed 0)."""
+    seed = [f"train.seed={args.seed}", "data.seed=0"] if args.seed else []
+    return build_config({}, for_row(name, common(args) + seed + args.extra) + ROWS[name])
+
+
 GEN_KEYS = {"BLEU": "bleu", "NIST": "nist", "METEOR": "meteor", "ROUGE_L": "rouge_l", "CIDEr": "cider",
             "gen_seconds": "gen_s", "gen_tokens": "gen_tokens", "tokens_per_s": "tokens_per_s"}
 
@@ -451,8 +457,7 @@ def main() -> int:
     results = reference_rows(args)
     for name in args.rows:
         t0 = time.perf_counter()
-        seed = [f"train.seed={args.seed}", "data.seed=0"] if args.seed else []
-        cfg = build_config({}, for_row(name, common(args) + seed + args.extra) + ROWS[name])
+        cfg = row_config(name, args)
         where = args.runs / (f"{name}@s{args.seed}" if args.seed else name)
         done = where / "summary.json"
         if args.fork_from is not None:

@@ -101,31 +101,27 @@ def replayed(row: Path) -> dict[str, list[dict]]:
 
 
 def kept_config(kept: Path):
-    """A kept row's config: its config.yaml, else (kept before config.yaml was) rebuilt as bench/comm.py built it,
-    from the arguments in its comm.json and the row's definition (tests/test_plan.py pins those)."""
+    """A kept row's config: its config.yaml, else (kept before config.yaml was) rebuilt by bench/comm.py's
+    `row_config` from the arguments in its comm.json (tests/test_plan.py pins the rows' definitions)."""
     import ast
-    import importlib.util
 
-    from splitcom.config import build_config, load_config
+    from splitcom.config import load_config
 
     if (kept / "config.yaml").is_file():
         return load_config(kept / "config.yaml")
-    spec = importlib.util.spec_from_file_location("bench_comm", ROOT / "bench" / "comm.py")
-    comm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(comm)
-    a = json.loads((kept / "comm.json").read_text())["args"]
+    sys.path.insert(0, str(ROOT / "bench"))
+    import comm  # the rows and common settings of the comm benchmark, as bench/stream_codecs.py reads them
+
+    a = json.loads((kept / "comm.json").read_text())["args"]  # comm.py's arguments, each as str()
     name = kept.name.split("@s")[0]
     if name not in ast.literal_eval(a["rows"]) or name not in comm.ROWS:
         sys.exit(f"{kept / 'comm.json'}: does not hold row {name} (rows {a['rows']}), or bench/comm.py no longer "
                  "defines it: keep its config.yaml")
-    ns = argparse.Namespace(model=a["model"], dataset=a["dataset"], samples=int(a["samples"]),
-                            eval_samples=int(a["eval_samples"]), max_length=int(a["max_length"]),
-                            alpha=float(a["alpha"]), clients=int(a["clients"]), epochs=int(a["epochs"]),
-                            batch_size=int(a["batch_size"]), lr=float(a["lr"]), cut=int(a["cut"]))
-    seed = int(a["seed"])
-    extra = [f"train.seed={seed}", "data.seed=0"] if seed else []
-    return build_config({}, comm.for_row(name, comm.common(ns) + extra + ast.literal_eval(a["extra"])) +
-                        comm.ROWS[name])
+    ints, floats = ("samples", "eval_samples", "max_length", "clients", "epochs", "batch_size", "cut", "seed"), \
+        ("alpha", "lr")
+    return comm.row_config(name, argparse.Namespace(
+        model=a["model"], dataset=a["dataset"], extra=ast.literal_eval(a["extra"]),
+        **{k: int(a[k]) for k in ints}, **{k: float(a[k]) for k in floats}))
 
 
 def keep(row: Path, dest: Path) -> None:
@@ -135,6 +131,8 @@ def keep(row: Path, dest: Path) -> None:
     summary = json.loads((row / "summary.json").read_text()) if (row / "summary.json").is_file() else {}
     if summary.get("epochs") is None or not (row / "replay.json").is_file():
         return  # unfinished, or centralized (no fleets to replay)
+    if (dest / "replay.json").is_file() and (dest / "replay.json").read_bytes() == (row / "replay.json").read_bytes():
+        return  # kept already (--watch passes every 2 min); replay.json's key is the log's size
     (dest / "eval").mkdir(parents=True, exist_ok=True)
     with open(row / "metrics.jsonl") as src, open(dest / "metrics.jsonl", "w") as out:
         out.writelines(line for line in src if '"event": "step"' not in line)
