@@ -267,6 +267,11 @@ ROWS: dict[str, list[str]] = {
     # lost its quality while its server still trained (+1.92 % at the freeze; BLEU -0.0287) (fourteenth session)
     "ushape+shared+lean+skip+stop4+linear": [*_ushape_lean_skip(), "train.server_epochs=4",
                                              "train.server_decay=epochs"],
+    # the hard stop one epoch later: epochs 1 to 5 are the unfrozen row's (a fork of its epoch-5 checkpoint is exact),
+    # about 339 MB over 8 epochs, 96.0 % less than fp32 U-shape; stop4 paid -0.0224 BLEU over two seeds, the unfrozen
+    # row about -0.003 at 94.5 %: where between them does BLEU fall? (sixteenth session)
+    "ushape+shared+lean+skip+stop5+linear": [*_ushape_lean_skip(), "train.server_epochs=5",
+                                             "train.server_decay=epochs"],
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(
