@@ -64,7 +64,8 @@ def error(codec, x: torch.Tensor) -> float:
     return float((codec.decode(codec.encode(x), *x.shape) - x).pow(2).sum())
 
 
-def analyse(cks: list[dict], paths: list[Path], stream: str, samples: int) -> dict[str, list[float]] | None:
+def analyse(cks: list[dict], paths: list[Path], stream: str, samples: int) -> tuple[dict, dict] | None:
+    """(measures by name, shared basis) over every `samples`-th sample seen in all three checkpoints."""
     s = [seen(ck, stream, p) for ck, p in zip(cks, paths, strict=True)]
     keys = sorted(k for k in s[0] if k in s[1] and k in s[2] and s[0][k].shape == s[1][k].shape == s[2][k].shape)
     if not keys:
