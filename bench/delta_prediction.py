@@ -47,8 +47,10 @@ def load(path: Path) -> dict:
 
 def seen(ck: dict, stream: str, path: Path) -> dict[tuple, torch.Tensor]:
     """Every sample's exact tensor at its last sighting, from the drift probe of the ends that send ``stream``."""
-    ends = ([(cid, c) for cid, c in ck["server"]["caches"].items()] if stream in ("act_down", "grad_down")
-            else [(i, c["caches"]) for i, c in enumerate(ck["clients"])])
+    server = list(ck["server"]["caches"].items())
+    # the side whose ends hold "<stream>/out" sends it (compress/pipeline.py cache_state)
+    ends = server if any(f"{stream}/out" in c for _, c in server) else [
+        (i, c["caches"]) for i, c in enumerate(ck["clients"])]
     out = {}
     for who, caches in ends:
         end = caches.get(f"{stream}/out")
