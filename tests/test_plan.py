@@ -114,6 +114,7 @@ FINGERPRINTS = {
     "ushape+shared+lean+skip+server4+linear": "f98495a4cb48a6ab",  # the same ends; the server freezes after epoch 4
     "ushape+shared+lean+skip+stop4+linear": "f98495a4cb48a6ab",  # the same ends again; only the server's rate differs
     "ushape+shared+lean+skip+stop5+linear": "f98495a4cb48a6ab",  # and the hard stop one epoch later
+    "ushape+shared+lean+stop5+linear": "964f11a25fb3e6ad",  # the stop5 row sending grad_down for a reused act_up
     "ushape+shared+lean+skip+int2o-deltas+linear": "2210cac53aedb43b",
     "ushape+shared+lean+skip+act_down-int2o+linear": "91f1482d02dcc738",
     "ushape+shared+lean+skip+grad_up-int2o+linear": "d6703e115a7aacc7",
