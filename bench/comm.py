@@ -280,6 +280,14 @@ ROWS: dict[str, list[str]] = {
     # back? (seventeenth session)
     "ushape+shared+lean+stop5+linear": [*_ushape_lean_skip(reused_grad="apply"), "train.server_epochs=5",
                                         "train.server_decay=epochs"],
+    # skip the gradients of reused act_up from epoch 4 (compression.temporal.skip_from_epoch) with the hard stop after
+    # epoch 4: the head trains through epochs 2 and 3 on int4 gradients (about 25 MB an epoch), paid from stop4's
+    # margin (286.7 MB against the 342.9 the 96 % allow), so about 337 MB. Epochs 1 to 3 are the diagnostic row's
+    # above (a fork of its epoch-3 checkpoint is exact); skip3 trains the head through epoch 2 only (eighteenth
+    # session)
+    **{f"ushape+shared+lean+skip{k}+stop4+linear": [*_ushape_lean_skip(), f"{T}.skip_from_epoch={k}",
+                                                    "train.server_epochs=4", "train.server_decay=epochs"]
+       for k in (3, 4)},
     # the int2-adapter row's quality in fewer bytes: grad_up's first sights in int4o; grad_down reused to 0.9
     "ushape+codec-map+adapter-int2+grad_up-int4o": _ushape(CODEC_MAP, "{grad_up: int4o, grad_down: int2}", "int2"),
     "ushape+codec-map+adapter-int2+grad_up-int4o+grad_down@0.9": _ushape(
@@ -368,7 +376,8 @@ def reference_rows(args) -> dict:
 # state come from the checkpoint
 FORKABLE = ("compression.codec", "compression.grad_codec", "compression.temporal.delta_codec",
             "compression.adapter_delta_codec", "compression.prefix_refresh", "train.epochs",
-            "train.server_epochs", "train.server_decay")  # the freeze: only where server_fork_refusal allows it
+            "train.server_epochs", "train.server_decay",  # the freeze: only where server_fork_refusal allows it
+            "compression.temporal.reused_grad", "compression.temporal.skip_from_epoch")  # where skip_fork_refusal does
 
 
 def server_fork_refusal(parent, row, epoch: int, changed: list[str]) -> str | None:
@@ -382,6 +391,19 @@ def server_fork_refusal(parent, row, epoch: int, changed: list[str]) -> str | No
             return f"{name}'s server decays over its own {t.server_epochs} epochs, so its rate differs from step 0"
         if t.server_epochs is not None and t.server_epochs < epoch:
             return f"{name}'s server froze after epoch {t.server_epochs}, before the fork's epoch {epoch}"
+    return None
+
+
+def skip_fork_refusal(parent, row, epoch: int) -> str | None:
+    """Why a fork that changes when a REUSEd act_up's gradient is skipped (reused_grad, skip_from_epoch) would
+    not be exact, or None: both runs must treat those gradients alike in every epoch the parent trained."""
+    def skips(t, e: int) -> bool:
+        return t.enabled and t.reused_grad == "skip" and e >= t.skip_from_epoch
+
+    p, r = parent.compression.temporal, row.compression.temporal
+    if bad := [e for e in range(1, epoch + 1) if skips(p, e) != skips(r, e)]:
+        return (f"the parent {'skipped' if skips(p, bad[0]) else 'applied'} the gradients of reused activations in "
+                f"epoch {bad[0]}, which the row would {'apply' if skips(p, bad[0]) else 'skip'}")
     return None
 
 
@@ -406,6 +428,8 @@ def fork(parent: Path, cfg, where: Path) -> None:
                  f"changes {', '.join(bad)} (--fork-from)")
     epoch = torch.load(parent / CHECKPOINT, weights_only=True, mmap=True)["epoch"]
     if why := server_fork_refusal(load_config(parent / "config.yaml").train, cfg.train, epoch, changed):
+        sys.exit(f"{parent}: {why} (--fork-from)")
+    if why := skip_fork_refusal(load_config(parent / "config.yaml"), cfg, epoch):
         sys.exit(f"{parent}: {why} (--fork-from)")
     if cfg.train.epochs <= epoch:
         sys.exit(f"{parent}: already {epoch} epochs; --epochs {cfg.train.epochs} leaves nothing to fork (--fork-from)")

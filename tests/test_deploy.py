@@ -296,6 +296,11 @@ def test_fl_server_resume_equals_uninterrupted_run(procs, tmp_path):
       "compression.temporal.streams": ["act_up", "act_down"], "compression.temporal.reused_grad": "skip",
       "compression.temporal.threshold": {"act_up": -1.0, "act_down": 0.99999}, "federation.server_adapters": "shared",
       "train.epochs": 3, "train.server_epochs": 1, "train.lr_schedule": "linear"}, "ushape"),
+    ({"split.mode": "ushape", "split.tail_layers": 1, "compression.temporal.enabled": True,
+      "compression.temporal.streams": ["act_up", "act_down"], "compression.temporal.reused_grad": "skip",
+      "compression.temporal.skip_from_epoch": 3, "compression.temporal.threshold": {"act_up": -1.0, "act_down": 0.99999},
+      "federation.server_adapters": "shared", "train.epochs": 3, "train.server_epochs": 1,
+      "train.lr_schedule": "linear"}, "ushape"),
     ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2, "compression.adapter_refresh": "delta"}, "adaptive"),
     ({"federation.mode": "fl"}, "fl"),
     ({"federation.mode": "fl", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
@@ -318,7 +323,8 @@ def test_in_process_deployment(tmp_path, over, exact):
     prompt prefixes and zstd, under a warmed-up linear learning-rate decay (every end sets the rate of the
     message's global step), and 1-bit refreshes that share prompt prefixes too (``prefix_refresh``, the
     `shared+lean+linear` row: kind-5 messages with error feedback on both ends), and a U-shape server frozen
-    after its first epoch (train.server_epochs) whose clients send SKIP gradients for reused activations. Federated LoRA (fl)
+    after its first epoch (train.server_epochs) whose clients send SKIP gradients for reused activations (from
+    the start, or from epoch 3 where skip_from_epoch says so: epoch 2's gradients all go both ways). Federated LoRA (fl)
     deploys too: each client trains the whole model between its uploads (under a cosine decay in one
     case), the server sends no activations, and the run ends as `splitcom run` ends."""
     tree = _setup(tmp_path)

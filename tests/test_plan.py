@@ -115,6 +115,8 @@ FINGERPRINTS = {
     "ushape+shared+lean+skip+stop4+linear": "f98495a4cb48a6ab",  # the same ends again; only the server's rate differs
     "ushape+shared+lean+skip+stop5+linear": "f98495a4cb48a6ab",  # and the hard stop one epoch later
     "ushape+shared+lean+stop5+linear": "964f11a25fb3e6ad",  # the stop5 row sending grad_down for a reused act_up
+    "ushape+shared+lean+skip3+stop4+linear": "f9c0b5f4cd4e6435",  # stop4's ends, skipping from epoch 3
+    "ushape+shared+lean+skip4+stop4+linear": "592393eed58d66a5",  # and from epoch 4
     "ushape+shared+lean+skip+int2o-deltas+linear": "2210cac53aedb43b",
     "ushape+shared+lean+skip+act_down-int2o+linear": "91f1482d02dcc738",
     "ushape+shared+lean+skip+grad_up-int2o+linear": "d6703e115a7aacc7",
@@ -226,7 +228,8 @@ def fingerprint(s, cfg) -> dict:
                        "in": [_incoming(e) for e in server.inc[1].values()],
                        "adapter": [server.plan.adapters.codec, server.adapter_delta],
                        "skip": server.plan.sends[Stream.grad_down].skip_reused, "end": server.end,
-                       "entropy": server.plan.entropy}}
+                       "entropy": server.plan.entropy,
+                       **({"skip_from": server.skip_from} if server.skip_from else {})}}  # skip_from_epoch
 
 
 def test_every_comm_row_builds_the_same_stream_ends():

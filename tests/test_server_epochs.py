@@ -160,3 +160,55 @@ def test_skip_grad_up_where_a_gradient_is_needed_is_refused(frozen):
                                          [torch.zeros(n, s.split.hidden_size) for n in batch.lengths])
     assert serde.decode(server.handle_bytes(c.cid, serde.encode(good))).stream == Stream.grad_down
 
+
+
+def _evals(path) -> list[float]:
+    return [e["val_loss"] for e in read_metrics(path) if e["event"] == "eval"]
+
+
+def test_skip_from_epoch_applies_the_gradients_until_then(tmp_path):
+    """compression.temporal.skip_from_epoch: REUSEd act_up get their gradient (as under `apply`) before that epoch
+    and none from it. Every act_up is reused from epoch 2: a run skipping from epoch 3 is the `apply` run through
+    epoch 2, to the bit, and its epoch 3 sends the `skip` run's SKIP rows; a frozen server (train.server_epochs)
+    takes SKIP grad_up only where it skips."""
+    over = {**U, **LEAN, "federation.server_adapters": "shared", "train.epochs": 3, "train.server_epochs": 1}
+    runs = {"apply": {"compression.temporal.reused_grad": "apply"}, "skip": {},
+            "from3": {"compression.temporal.skip_from_epoch": 3}}
+    for name, extra in runs.items():
+        run(tiny_cfg(**{**over, **extra}), tmp_path / name, progress=False)
+    down = {n: _epoch_bytes(tmp_path / n / "metrics.jsonl", "grad_down") for n in runs}
+    up = {n: _epoch_bytes(tmp_path / n / "metrics.jsonl", "grad_up") for n in runs}
+    assert down["from3"][:2] == down["apply"][:2] and up["from3"][:2] == up["apply"][:2]
+    assert down["from3"][2] == down["skip"][2] < 0.1 * down["apply"][2]
+    assert up["from3"][2] == up["skip"][2] < 0.1 * up["apply"][2]  # frozen and skipping: SKIP rows go up
+    assert down["skip"][1] < 0.1 * down["apply"][1]  # (the plain skip run skips from epoch 2)
+    ev = {n: _evals(tmp_path / n / "metrics.jsonl") for n in runs}
+    assert ev["from3"][:3] == ev["apply"][:3] and ev["from3"][3] != ev["apply"][3]
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"compression.temporal.skip_from_epoch": 2}, "reused_grad is 'apply'"),
+    ({"compression.temporal.reused_grad": "skip", "compression.temporal.skip_from_epoch": 3}, "train.epochs = 2"),
+    ({"compression.temporal.reused_grad": "skip", "compression.temporal.skip_from_epoch": 0}, "greater than or equal"),
+])
+def test_bad_skip_from_epoch_names_the_key(tmp_path, over, match):
+    with pytest.raises(UserError, match=match) as err:
+        run(tiny_cfg(**{"compression.temporal.enabled": True, **over}), tmp_path, progress=False)
+    assert "compression.temporal.skip_from_epoch" in str(err.value)
+
+
+def test_bench_forks_change_the_gradient_skip_only_where_exact():
+    """bench/comm.py --fork-from may start skipping the gradients of reused activations later than the parent's
+    epochs (those applied them as the row would), never within them."""
+    comm = bench_comm()
+
+    def cfg(**over):
+        return tiny_cfg(**{"train.epochs": 8, "compression.temporal.enabled": True, **over})
+
+    apply, skip = cfg(), cfg(**{"compression.temporal.reused_grad": "skip"})
+    later = cfg(**{"compression.temporal.reused_grad": "skip", "compression.temporal.skip_from_epoch": 4})
+    assert comm.skip_fork_refusal(apply, later, 3) is None
+    assert comm.skip_fork_refusal(later, later, 6) is None
+    assert "applied the gradients of reused activations in epoch 4" in comm.skip_fork_refusal(apply, later, 4)
+    assert "skipped the gradients of reused activations in epoch 1" in comm.skip_fork_refusal(skip, later, 3)
+    assert {"compression.temporal.reused_grad", "compression.temporal.skip_from_epoch"} <= set(comm.FORKABLE)

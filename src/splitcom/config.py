@@ -304,6 +304,10 @@ class TemporalCfg(_Strict):
     reused_grad: Literal["apply", "skip"] = Field(
         "apply", description="For a REUSEd activation: apply the gradient computed on the cached tensor, "
         "or skip it (no gradient sent down for that sample).")
+    skip_from_epoch: int = Field(
+        1, ge=1, description="With reused_grad=skip: the first epoch whose REUSEd activations get no gradient; in "
+        "the epochs before it they get theirs as under `apply`, so the client's first blocks train on through them "
+        "(1: skip from the start).")
     store: Literal["memory", "disk"] = Field("memory", description="Where the receiver keeps full tensors.")
     summary_of: Literal["source", "decoded"] = Field(
         "source", description="Summarise the tensor before the codec (`source`: a lossy codec's error is not "
@@ -336,6 +340,15 @@ class TemporalCfg(_Strict):
         if off:
             raise ValueError(f"bangbang.budget names {off}, which do not use temporal reuse (streams: {self.streams})")
         return self
+
+    @field_validator("skip_from_epoch")
+    @classmethod
+    def _skip_from_needs_skip(cls, v: int, info: ValidationInfo) -> int:
+        grad = info.data.get("reused_grad", "skip")
+        if v > 1 and grad != "skip":
+            raise ValueError(f"{v} says when reused_grad=skip starts; reused_grad is {grad!r} (set reused_grad: "
+                             "skip, or leave skip_from_epoch at 1)")
+        return v
 
     def threshold_of(self, stream: str) -> float:
         return stream_value(self.threshold, stream, 0.999)
@@ -506,11 +519,15 @@ SPLIT_ONLY = ("split.", "model.lora.cut_rank", "compression.codec", "compression
 
 
 def check_mode(cfg: Config) -> Config:
-    """``federation.mode=fl`` with a split-only key changed, or a centralized run with a server-only one:
-    UserError naming the key."""
+    """``federation.mode=fl`` with a split-only key changed, a centralized run with a server-only one, or a
+    skip_from_epoch past the last epoch: UserError naming the key."""
     if cfg.federation.mode == "centralized" and cfg.train.server_epochs is not None:
         raise UserError("federation.mode=centralized has no server to freeze (leave train.server_epochs at null)",
                         where="train.server_epochs")
+    skip_from = cfg.compression.temporal.skip_from_epoch
+    if skip_from > cfg.train.epochs:
+        raise UserError(f"{skip_from} is after the run's last epoch (train.epochs = {cfg.train.epochs}): no epoch "
+                        "would skip (reused_grad=apply says that)", where="compression.temporal.skip_from_epoch")
     if cfg.federation.mode == "fl":
         bad = [k for k in config_diff(cfg, Config()) if k.startswith(SPLIT_ONLY)]
         if bad:

@@ -41,10 +41,11 @@ class SplitClient:
                  samples: list[Sample], plan: SidePlan, *, lr: float, weight_decay: float = 0.0, batch_size: int = 8,
                  pad_id: int = 0, seed: int = 0, device: torch.device | str = "cpu", tail_layers: int = 0,
                  cut_rank: int | None = None, schedule: LRSchedule | None = None,
-                 server_frozen_from: int | None = None):
+                 server_frozen_from: int | None = None, skip_from: int = 0):
         """``plan``: the client side's stream plan (compress/plan.py); ``tail_layers``: U-shape's client tail;
         ``schedule``: the rate by global step (None: ``lr`` throughout); ``server_frozen_from``: the global step
-        from which the server's adapters are frozen (train.server_epochs; None: never)."""
+        from which the server's adapters are frozen (train.server_epochs; None: never); ``skip_from``: the global
+        step from which a plan that skips a REUSEd act_up's gradient does so (compression.temporal.skip_from_epoch)."""
         self.cid, self.split, self.bank, self.cut, self.channel = cid, split, bank, cut, channel
         self.samples, self.batch_size, self.pad_id, self.seed = list(samples), batch_size, pad_id, seed
         self.device = torch.device(device)
@@ -56,7 +57,7 @@ class SplitClient:
         if self.adapter not in bank.names:
             bank.add_copy(self.adapter)
         self.lr, self.weight_decay, self.cut_rank, self.plan, self.schedule = lr, weight_decay, cut_rank, plan, schedule
-        self.server_frozen_from = server_frozen_from
+        self.server_frozen_from, self.skip_from = server_frozen_from, skip_from
         self.set_cut(cut)
         self.out, self.inc = stream_ends(plan, split.hidden_size)
         # adapter deltas: the adapter state this client holds as the server knows it (compress/adapter_delta.py)
@@ -148,8 +149,8 @@ class SplitClient:
     def unneeded_grads(self, act_up: TensorMsg, step: int) -> set[int]:
         """U-shape: the samples whose grad_up goes as SKIP. Once the server's adapters are frozen
         (train.server_epochs) a sample's gradient serves only its grad_down, which a reused act_up does not get
-        under reused_grad=skip."""
-        if self.server_frozen_from is None or step < self.server_frozen_from \
+        under reused_grad=skip (from skip_from_epoch on)."""
+        if self.server_frozen_from is None or step < max(self.server_frozen_from, self.skip_from) \
                 or not self.plan.receives[Stream.grad_down].skip_reused:
             return set()
         return {s.sample_id for s in act_up.samples if s.reuse}

@@ -56,3 +56,9 @@ def lr_schedule(train, steps_per_epoch: int, epochs: int | None = None) -> LRSch
 def server_frozen_from(train, steps_per_epoch: int) -> int | None:
     """The first global step at which the server's adapters are frozen (train.server_epochs), or None."""
     return None if train.server_epochs is None else train.server_epochs * steps_per_epoch
+
+
+def skip_from(cfg, steps_per_epoch: int) -> int:
+    """The first global step at which a REUSEd activation gets no gradient (compression.temporal.reused_grad=skip
+    from skip_from_epoch); the stream plan says whether it skips at all."""
+    return (cfg.compression.temporal.skip_from_epoch - 1) * steps_per_epoch

@@ -52,12 +52,15 @@ class SplitServer:
     def __init__(self, split: SplitModel, bank: AdapterBank, cuts: dict[int, int], plan: SidePlan, *, lr: float,
                  weight_decay: float = 0.0, server_adapters: str = "per_client", device: torch.device | str = "cpu",
                  tail_layers: int = 0, cache_dir: str | None = None, weights: dict[int, float] | None = None,
-                 cut_rank: int | None = None, schedule: LRSchedule | None = None, frozen_from: int | None = None):
+                 cut_rank: int | None = None, schedule: LRSchedule | None = None, frozen_from: int | None = None,
+                 skip_from: int = 0):
         """``plan``: the server side's stream plan (compress/plan.py); ``cache_dir``: where disk stores go;
         ``schedule``: the rate by the global step of each message (None: ``lr`` throughout); ``frozen_from``:
-        the global step from which the server's adapters take no step (train.server_epochs; None: never)."""
+        the global step from which the server's adapters take no step (train.server_epochs; None: never);
+        ``skip_from``: the global step from which a plan that skips a REUSEd act_up's gradient does so
+        (compression.temporal.skip_from_epoch)."""
         self.split, self.bank, self.cuts, self.plan, self.schedule = split, bank, dict(cuts), plan, schedule
-        self.frozen_from = frozen_from
+        self.frozen_from, self.skip_from = frozen_from, skip_from
         self.cut_rank = None if server_adapters == "shared" else cut_rank  # (prepare refuses shared + cut rank)
         self.mode, self.device = server_adapters, torch.device(device)
         # FedAvg weights the server knows (sample counts); a client's claim must match, or one client
@@ -266,12 +269,13 @@ class SplitServer:
         """Whether the server's adapters are frozen at global step ``step`` (train.server_epochs)."""
         return self.frozen_from is not None and step >= self.frozen_from
 
-    def _skipped(self, reused: set[int]) -> set[int]:
-        """The samples of a batch that get no grad_down: the reused ones under reused_grad=skip."""
-        return reused if self.plan.sends[Stream.grad_down].skip_reused else set()
+    def _skipped(self, reused: set[int], step: int) -> set[int]:
+        """The samples of a batch at global step ``step`` that get no grad_down: the reused ones under
+        reused_grad=skip, from skip_from_epoch on."""
+        return reused if self.plan.sends[Stream.grad_down].skip_reused and step >= self.skip_from else set()
 
     def _grad_down(self, cid: int, step: int, h: torch.Tensor, lengths, sids, reused, loss: float) -> TensorMsg:
-        skip = self._skipped(reused)
+        skip = self._skipped(reused, step)
         rows = unpad(h.grad, lengths) if h.grad is not None else [torch.zeros(n, h.shape[-1]) for n in lengths]
         return self.out[cid][Stream.grad_down].message(cid, step, sids, rows, loss, skip)
 
@@ -307,7 +311,7 @@ class SplitServer:
         bank.activate(self.body_adapter(cid), self.server_layers(cid))
         sids = [s.sample_id for s in msg.samples]
         # frozen, with no grad_down to send: no gradient will flow back, so no graph is kept
-        graph = not (self.frozen(msg.step) and self._skipped(reused) >= set(sids))
+        graph = not (self.frozen(msg.step) and self._skipped(reused, msg.step) >= set(sids))
         with torch.set_grad_enabled(graph):
             out = split.run(h, lengths, self.cuts[cid], self.end)
         self.pending[cid] = (h, out, lengths, sids, reused, msg.step)
@@ -323,7 +327,7 @@ class SplitServer:
             raise ProtocolError(f"grad_up for step {msg.step}, pending step {step}", field="header.step")
         grads = self.inc[cid][Stream.grad_up].decode(msg, sids)
         # once frozen, a gradient only serves its sample's grad_down: a sample without one may come as SKIP
-        unneeded = self._skipped(reused) if self.frozen(step) else set()
+        unneeded = self._skipped(reused, step) if self.frozen(step) else set()
         for i, (sid, g) in enumerate(zip(sids, grads, strict=True)):
             if g is None and sid not in unneeded:
                 why = "for a sample that gets a grad_down" if self.frozen(step) else "before the server's adapters froze"

@@ -20,7 +20,7 @@ from splitcom.data.tokenize import Sample, tokenize
 from splitcom.errors import UserError
 from splitcom.federation.client import SplitClient
 from splitcom.federation.fl import FLClient
-from splitcom.federation.schedule import LRSchedule, lr_schedule, server_frozen_from
+from splitcom.federation.schedule import LRSchedule, lr_schedule, server_frozen_from, skip_from
 from splitcom.federation.server import SplitServer
 from splitcom.models.adapters import AdapterBank, attach_lora
 from splitcom.models.hold import hold_only, prefix_length
@@ -146,7 +146,8 @@ def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
     return SplitServer(s.split, s.bank, cuts, stream_plan(cfg, "server"), lr=cfg.train.lr,
                        weight_decay=cfg.train.weight_decay, server_adapters=cfg.federation.server_adapters,
                        device=s.device, tail_layers=tail_layers(cfg), cache_dir=cache_dir, weights=weights,
-                       cut_rank=cfg.model.lora.cut_rank, schedule=schedule, frozen_from=frozen_from)
+                       cut_rank=cfg.model.lora.cut_rank, schedule=schedule, frozen_from=frozen_from,
+                       skip_from=skip_from(cfg, max(batches_per_client(s))))
 
 
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
@@ -158,6 +159,7 @@ def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
                   stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
                   pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
                   cut_rank=cfg.model.lora.cut_rank, schedule=schedule_of(s),
-                  server_frozen_from=server_frozen_from(t, max(batches_per_client(s))))
+                  server_frozen_from=server_frozen_from(t, max(batches_per_client(s))),
+                  skip_from=skip_from(cfg, max(batches_per_client(s))))
     client.noise = act_noise(cfg.privacy, t.seed, cid)  # the privacy defence on act_up (compress/noise.py)
     return client
