@@ -422,14 +422,14 @@ def fork(parent: Path, cfg, where: Path) -> None:
         return
     if not (parent / CHECKPOINT).is_file() or not (parent / "config.yaml").is_file():
         sys.exit(f"{parent}: no {CHECKPOINT} and config.yaml to fork from (--fork-from)")
-    changed = config_diff(load_config(parent / "config.yaml"), cfg, {"logging"})
+    parent_cfg = load_config(parent / "config.yaml")
+    changed = config_diff(parent_cfg, cfg, {"logging"})
     if bad := [k for k in changed if not k.startswith(FORKABLE)]:
         sys.exit(f"{parent / 'config.yaml'}: a fork may change only {', '.join(FORKABLE)}; this row also "
                  f"changes {', '.join(bad)} (--fork-from)")
     epoch = torch.load(parent / CHECKPOINT, weights_only=True, mmap=True)["epoch"]
-    if why := server_fork_refusal(load_config(parent / "config.yaml").train, cfg.train, epoch, changed):
-        sys.exit(f"{parent}: {why} (--fork-from)")
-    if why := skip_fork_refusal(load_config(parent / "config.yaml"), cfg, epoch):
+    if why := server_fork_refusal(parent_cfg.train, cfg.train, epoch, changed) or \
+            skip_fork_refusal(parent_cfg, cfg, epoch):
         sys.exit(f"{parent}: {why} (--fork-from)")
     if cfg.train.epochs <= epoch:
         sys.exit(f"{parent}: already {epoch} epochs; --epochs {cfg.train.epochs} leaves nothing to fork (--fork-from)")

@@ -29,7 +29,7 @@ from splitcom.deploy.plan import (
     round_plan,
 )
 from splitcom.errors import ProtocolError, UserError
-from splitcom.federation.setup import batches_per_client, make_client, prepare, tail_layers
+from splitcom.federation.setup import make_client, prepare, steps_per_epoch, tail_layers
 from splitcom.models.adapters import GLOBAL
 from splitcom.models.hold import hold_only
 from splitcom.runlog import peak_rss_bytes, rss_bytes
@@ -179,7 +179,7 @@ class ClientDriver:
             self.sc = make_client(s, self.cid, client_cuts(s)[self.cid], self.channel)
         self.cfg, self.s = cfg, s
         self._run_id = hashlib.sha256(hello.config_yaml.encode() + hello.partition_digest).hexdigest()
-        self.plan = round_plan(cfg.train.epochs, max(batches_per_client(s)), cfg.federation.aggregate_every)
+        self.plan = round_plan(cfg.train.epochs, steps_per_epoch(s), cfg.federation.aggregate_every)
 
     def _state_file(self):
         from pathlib import Path

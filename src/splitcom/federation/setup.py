@@ -125,15 +125,20 @@ def batches_per_client(s: Setup) -> list[int]:
     return [math.ceil(len(p) / s.cfg.train.batch_size) for p in s.partitions]
 
 
+def steps_per_epoch(s: Setup) -> int:
+    """An epoch's global steps: the largest client's batches (every client's k-th step is global step k)."""
+    return max(batches_per_client(s))
+
+
 def schedule_of(s: Setup) -> LRSchedule | None:
     """The run's learning-rate schedule (federation/schedule.py) over the epoch's global steps (the
     centralized baseline: one client with every sample)."""
-    return lr_schedule(s.cfg.train, max(batches_per_client(s)))
+    return lr_schedule(s.cfg.train, steps_per_epoch(s))
 
 
 def server_schedule_of(s: Setup) -> tuple[LRSchedule | None, int | None]:
     """The server's rate schedule and the global step its adapters freeze at (train.server_epochs; None: never)."""
-    spe, t = max(batches_per_client(s)), s.cfg.train
+    spe, t = steps_per_epoch(s), s.cfg.train
     span = t.server_epochs if t.server_decay == "server_epochs" else None  # None: over train.epochs (a hard stop)
     return lr_schedule(t, spe, span), server_frozen_from(t, spe)
 
@@ -147,19 +152,18 @@ def make_server(s: Setup, cuts: dict[int, int], cache_dir: str | None = None,
                        weight_decay=cfg.train.weight_decay, server_adapters=cfg.federation.server_adapters,
                        device=s.device, tail_layers=tail_layers(cfg), cache_dir=cache_dir, weights=weights,
                        cut_rank=cfg.model.lora.cut_rank, schedule=schedule, frozen_from=frozen_from,
-                       skip_from=skip_from(cfg, max(batches_per_client(s))))
+                       skip_from=skip_from(cfg, steps_per_epoch(s)))
 
 
 def make_client(s: Setup, cid: int, cut: int, channel) -> SplitClient:
     """Client ``cid`` of a run, as simulation and deployment both build it (federated LoRA: an FLClient,
     whose ``cut`` is the number of blocks)."""
-    cfg, t = s.cfg, s.cfg.train
+    cfg, t, spe = s.cfg, s.cfg.train, steps_per_epoch(s)
     kind = FLClient if cfg.federation.mode == "fl" else SplitClient
     client = kind(cid, s.split, s.bank, cut, channel, [s.train[i] for i in s.partitions[cid]],
                   stream_plan(cfg, "client"), lr=t.lr, weight_decay=t.weight_decay, batch_size=t.batch_size,
                   pad_id=s.pad_id, seed=t.seed, device=s.device, tail_layers=tail_layers(cfg),
                   cut_rank=cfg.model.lora.cut_rank, schedule=schedule_of(s),
-                  server_frozen_from=server_frozen_from(t, max(batches_per_client(s))),
-                  skip_from=skip_from(cfg, max(batches_per_client(s))))
+                  server_frozen_from=server_frozen_from(t, spe), skip_from=skip_from(cfg, spe))
     client.noise = act_noise(cfg.privacy, t.seed, cid)  # the privacy defence on act_up (compress/noise.py)
     return client
