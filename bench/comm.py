@@ -23,7 +23,7 @@ from pathlib import Path
 
 from splitcom.config import build_config, config_diff, lengthening_refusal, load_config
 from splitcom.federation.simulation import run
-from splitcom.runlog import CHECKPOINT
+from splitcom.runlog import CHECKPOINT, KEPT, kept_checkpoint
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
@@ -325,7 +325,8 @@ def common(args) -> list[str]:
 def row_config(name: str, args):
     """Row ``name``'s config under this script's arguments (``args.seed`` > 0: train.seed on data.seed 0)."""
     seed = [f"train.seed={args.seed}", "data.seed=0"] if args.seed else []
-    return build_config({}, for_row(name, common(args) + seed + args.extra) + ROWS[name])
+    keep = [f"logging.keep_epochs={args.keep_epochs}"] if args.keep_epochs else []
+    return build_config({}, for_row(name, common(args) + seed + args.extra + keep) + ROWS[name])
 
 
 GEN_KEYS = {"BLEU": "bleu", "NIST": "nist", "METEOR": "meteor", "ROUGE_L": "rouge_l", "CIDEr": "cider",
@@ -397,13 +398,11 @@ def server_fork_refusal(parent, row, epoch: int, changed: list[str]) -> str | No
 def skip_fork_refusal(parent, row, epoch: int) -> str | None:
     """Why a fork that changes when a REUSEd act_up's gradient is skipped (reused_grad, skip_from_epoch) would
     not be exact, or None: both runs must treat those gradients alike in every epoch the parent trained."""
-    def skips(t, e: int) -> bool:
-        return t.enabled and t.reused_grad == "skip" and e >= t.skip_from_epoch
-
     p, r = parent.compression.temporal, row.compression.temporal
-    if bad := [e for e in range(1, epoch + 1) if skips(p, e) != skips(r, e)]:
-        return (f"the parent {'skipped' if skips(p, bad[0]) else 'applied'} the gradients of reused activations in "
-                f"epoch {bad[0]}, which the row would {'apply' if skips(p, bad[0]) else 'skip'}")
+    if bad := [e for e in range(1, epoch + 1) if p.skips_reused_grad(e) != r.skips_reused_grad(e)]:
+        skipped = p.skips_reused_grad(bad[0])
+        return (f"the parent {'skipped' if skipped else 'applied'} the gradients of reused activations in "
+                f"epoch {bad[0]}, which the row would {'apply' if skipped else 'skip'}")
     return None
 
 
@@ -411,23 +410,33 @@ def fork(parent: Path, cfg, where: Path) -> None:
     """Start the row's run as a copy of ``parent``'s (a row of this script, stopped or finished after some
     epochs) with the row's config: its epochs become the row's first ones, the later ones use the row's
     codecs. A study of late epochs that saves re-running the early ones, not the row from scratch: FORK.json
-    in the run says where it came from. Does nothing where the row's run already exists (it resumes)."""
+    in the run says where it came from. ``parent`` may also name a checkpoint the run kept (RUN/checkpoints/
+    epoch-N.pt, --keep-epochs): the fork starts after epoch N, however far the run has gone since. Does nothing
+    where the row's run already exists (it resumes)."""
+    import os
     import shutil
 
     import torch
 
     from splitcom.config import dump_config
+    from splitcom.federation.simulation import DDPG_CHECKPOINT
 
     if (where / "config.yaml").is_file():
         return
-    if not (parent / CHECKPOINT).is_file() or not (parent / "config.yaml").is_file():
+    kept = parent if parent.is_file() else None
+    if kept is not None:
+        if kept.parent.name != KEPT:
+            sys.exit(f"{kept}: neither a run folder nor a kept checkpoint RUN/{KEPT}/epoch-N.pt (--fork-from)")
+        parent = kept.parent.parent
+    ckpt = kept or parent / CHECKPOINT
+    if not ckpt.is_file() or not (parent / "config.yaml").is_file():
         sys.exit(f"{parent}: no {CHECKPOINT} and config.yaml to fork from (--fork-from)")
     parent_cfg = load_config(parent / "config.yaml")
     changed = config_diff(parent_cfg, cfg, {"logging"})
     if bad := [k for k in changed if not k.startswith(FORKABLE)]:
         sys.exit(f"{parent / 'config.yaml'}: a fork may change only {', '.join(FORKABLE)}; this row also "
                  f"changes {', '.join(bad)} (--fork-from)")
-    epoch = torch.load(parent / CHECKPOINT, weights_only=True, mmap=True)["epoch"]
+    epoch = torch.load(ckpt, weights_only=True, mmap=True)["epoch"]
     if why := server_fork_refusal(parent_cfg.train, cfg.train, epoch, changed) or \
             skip_fork_refusal(parent_cfg, cfg, epoch):
         sys.exit(f"{parent}: {why} (--fork-from)")
@@ -438,9 +447,19 @@ def fork(parent: Path, cfg, where: Path) -> None:
                  "refuses (--fork-from)")
     tmp = where.with_name(f".{where.name}.fork")  # whole or not at all: a half copy is never taken for the row
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(parent, tmp, ignore=shutil.ignore_patterns("summary.json", "eval", "tensorboard"))
+    # metrics.jsonl goes whole: the resume cuts it back to the checkpoint's length
+    shutil.copytree(parent, tmp, ignore=shutil.ignore_patterns(
+        "summary.json", "eval", "tensorboard", KEPT, *((CHECKPOINT, DDPG_CHECKPOINT) if kept else ())))
+    if kept is not None:  # the kept epoch's checkpoint (and DDPG agent) in place of the latest: linked, not copied
+        for name, src in ((CHECKPOINT, kept), (DDPG_CHECKPOINT, kept_checkpoint(parent, epoch, DDPG_CHECKPOINT))):
+            if src.is_file():
+                try:
+                    os.link(src, tmp / name)  # the row's next checkpoint replaces it by a rename, never writes it
+                except OSError:
+                    shutil.copy2(src, tmp / name)
     (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    (tmp / "FORK.json").write_text(json.dumps({"from": str(parent), "epoch": epoch, "changed": changed}, indent=1))
+    (tmp / "FORK.json").write_text(json.dumps({"from": str(kept or parent), "epoch": epoch, "changed": changed},
+                                              indent=1))
     if where.exists():  # a row folder without config.yaml: nothing in it to keep
         shutil.rmtree(where)
     tmp.rename(where)
@@ -477,8 +496,12 @@ def main() -> int:
     ap.add_argument("--reference", type=Path, action="append", default=[], metavar="COMM_JSON",
                     help="rows of an earlier run of this script with the same settings (its comm.json) to report "
                          "beside these, e.g. the fp32 baselines of a long run (repeatable)")
+    ap.add_argument("--keep-epochs", type=int, nargs="+", default=[], metavar="N",
+                    help="keep each row's checkpoint after epoch N as RUN/checkpoints/epoch-N.pt "
+                         "(logging.keep_epochs): a later --fork-from can start from it")
     ap.add_argument("--fork-from", type=Path, default=None, metavar="RUN",
-                    help="start each new row from the last checkpoint of RUN (another row's run folder) and train "
+                    help="start each new row from the last checkpoint of RUN (another row's run folder; or "
+                         "RUN/checkpoints/epoch-N.pt, kept by --keep-epochs) and train "
                          "it on to --epochs with the row's codecs: the late epochs of a long run without its "
                          "early ones (FORK.json in the row's run records it; only codecs may differ)")
     args = ap.parse_args()

@@ -300,7 +300,7 @@ def test_fl_server_resume_equals_uninterrupted_run(procs, tmp_path):
       "compression.temporal.streams": ["act_up", "act_down"], "compression.temporal.reused_grad": "skip",
       "compression.temporal.skip_from_epoch": 3, "compression.temporal.threshold": {"act_up": -1.0, "act_down": 0.99999},
       "federation.server_adapters": "shared", "train.epochs": 3, "train.server_epochs": 1,
-      "train.lr_schedule": "linear"}, "ushape"),
+      "train.lr_schedule": "linear", "logging.keep_epochs": [1, 2]}, "ushape"),
     ({"split.cut_policy": "adaptive", "model.lora.cut_rank": 2, "compression.adapter_refresh": "delta"}, "adaptive"),
     ({"federation.mode": "fl"}, "fl"),
     ({"federation.mode": "fl", "compression.adapter_refresh": "delta", "compression.adapter_codec": "int8",
@@ -340,6 +340,11 @@ def test_in_process_deployment(tmp_path, over, exact):
     assert [c.join()["rejected_steps"] for c in clients] == [0, 0, 0]
     sim = _sim(tree, tmp_path / "sim")
     assert dep["bytes_by_stream"] == sim["bytes_by_stream"]
+    if "logging.keep_epochs" in over:  # the server keeps the checkpoints of the rounds that end epochs 1 and 2
+        kept = [torch.load(tmp_path / "deploy" / "checkpoints" / f"epoch-{e}.pt", weights_only=True)["next_round"]
+                for e in (1, 2)]
+        assert 0 < kept[0] < kept[1] < torch.load(tmp_path / "deploy" / "checkpoint.pt", weights_only=True)["next_round"]
+        assert sorted(p.name for p in (tmp_path / "sim" / "checkpoints").iterdir()) == ["epoch-1.pt", "epoch-2.pt"]
     if exact == "reuse":
         assert sim["reuse_ratio"] > 0.3 and dep["reuse_ratio"] == sim["reuse_ratio"]
         assert dep["threshold_by_epoch"] == sim["threshold_by_epoch"] == [0.3, 0.3, 0.3]

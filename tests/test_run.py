@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_cfg
+from conftest import bench_comm, tiny_cfg
 
 from splitcom.federation.centralized import CentralizedTrainer
 from splitcom.federation.setup import prepare
@@ -180,6 +180,45 @@ def test_resume_after_a_crash(tmp_path, monkeypatch, over, exact):
     if "transfers_by_stream" in full and full.get("reuse_ratio"):  # the caches were really used after the resume
         assert resumed["transfers_by_stream"] == full["transfers_by_stream"]
         assert sum(t["reuse"] + t["delta"] for t in full["transfers_by_stream"].values()) > 0
+
+
+def test_kept_checkpoints_fork_exactly(tmp_path):
+    """logging.keep_epochs keeps epochs 1 and 2's checkpoints after epoch 3 replaced checkpoint.pt; a bench
+    fork from RUN/checkpoints/epoch-1.pt (--fork-from) trains on from it and ends where the run itself ended
+    (the caches, mirrors and metrics as they stood after epoch 1); a run started afresh over OUT drops them."""
+    cfg = tiny_cfg(**{"train.epochs": 3, "compression.temporal.enabled": True, "compression.temporal.threshold": 0.3,
+                      "compression.temporal.refresh": "delta", "train.lr_schedule": "linear",
+                      "logging.keep_epochs": "[2, 1]"})
+    full = run(cfg, tmp_path / "full", progress=False)
+    kept = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["epoch-1.pt", "epoch-2.pt"]
+    epoch = lambda p: torch.load(p, weights_only=True, mmap=True)["epoch"]  # noqa: E731
+    assert [epoch(kept / "epoch-1.pt"), epoch(kept / "epoch-2.pt"), epoch(tmp_path / "full" / "checkpoint.pt")] == \
+        [1, 2, 3]
+    comm = bench_comm()
+    comm.fork(kept / "epoch-1.pt", cfg, tmp_path / "fork")
+    assert json.loads((tmp_path / "fork" / "FORK.json").read_text())["epoch"] == 1
+    assert not (tmp_path / "fork" / "checkpoints").exists()  # the parent's kept checkpoints stay the parent's
+    forked = run(cfg, tmp_path / "fork", progress=False, resume=True)
+    assert full["reuse_ratio"] > 0  # the caches carried over were used
+    assert {k: v for k, v in forked.items() if k not in VOLATILE} == {k: v for k, v in full.items() if k not in VOLATILE}
+    a = (tmp_path / "full" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert (tmp_path / "fork" / "adapter" / "adapter_model.safetensors").read_bytes() == a
+    assert epoch(kept / "epoch-1.pt") == 1  # the fork's checkpoints replaced its link, never wrote through it
+    with pytest.raises(SystemExit, match="neither a run folder nor a kept checkpoint"):
+        comm.fork(tmp_path / "full" / "checkpoint.pt", cfg, tmp_path / "fork2")
+    run(tiny_cfg(**{"train.epochs": 1}), tmp_path / "full", progress=False)  # afresh over the run
+    assert not kept.exists()
+
+
+@pytest.mark.parametrize("keep,match", [("[0, 2]", "epochs count from 1"), ("[3]", r"after the run's last epoch")])
+def test_bad_keep_epochs_name_the_key(tmp_path, keep, match):
+    from splitcom.errors import UserError
+
+    with pytest.raises(UserError, match=match) as err:
+        run(tiny_cfg(**{"logging.keep_epochs": keep}), tmp_path, progress=False)
+    assert "logging.keep_epochs" in str(err.value) + (err.value.where or "")
+    assert not (tmp_path / "config.yaml").exists()
 
 
 def test_a_lengthened_run_cut_short_leaves_no_stale_summary(tmp_path, monkeypatch):

@@ -353,6 +353,10 @@ class TemporalCfg(_Strict):
     def threshold_of(self, stream: str) -> float:
         return stream_value(self.threshold, stream, 0.999)
 
+    def skips_reused_grad(self, epoch: int) -> bool:
+        """Whether a REUSEd act_up gets no gradient in ``epoch`` (reused_grad=skip from skip_from_epoch)."""
+        return self.enabled and self.reused_grad == "skip" and epoch >= self.skip_from_epoch
+
     @field_validator("delta_codec", mode="before")
     @classmethod
     def _delta_codec_map(cls, v: Any) -> Any:
@@ -433,6 +437,17 @@ class LoggingCfg(_Strict):
         "(1 - cos of the tensor itself, also per-channel normalised and against the receiver's copy) and log "
         "median/p90 per epoch in the `reuse` events (simulation). A diagnostic: each sender keeps two float16 "
         "copies of every sample's tensor.")
+    keep_epochs: list[int] = Field(
+        [], description="Epochs whose checkpoint is kept as OUT/checkpoints/epoch-N.pt after later epochs replace "
+        "OUT/checkpoint.pt (a hard link: no extra space until the next epoch's checkpoint is written), so a study "
+        "of late epochs can start from them (bench/comm.py --fork-from RUN/checkpoints/epoch-N.pt). [] keeps none.")
+
+    @field_validator("keep_epochs")
+    @classmethod
+    def _epochs_from_one(cls, v: list[int]) -> list[int]:
+        if bad := [e for e in v if e < 1]:
+            raise ValueError(f"epochs count from 1; {bad} is not an epoch")
+        return sorted(set(v))
 
 
 class PrivacyCfg(_Strict):
@@ -520,7 +535,7 @@ SPLIT_ONLY = ("split.", "model.lora.cut_rank", "compression.codec", "compression
 
 def check_mode(cfg: Config) -> Config:
     """``federation.mode=fl`` with a split-only key changed, a centralized run with a server-only one, or a
-    skip_from_epoch past the last epoch: UserError naming the key."""
+    skip_from_epoch or keep_epochs past the last epoch: UserError naming the key."""
     if cfg.federation.mode == "centralized" and cfg.train.server_epochs is not None:
         raise UserError("federation.mode=centralized has no server to freeze (leave train.server_epochs at null)",
                         where="train.server_epochs")
@@ -528,6 +543,9 @@ def check_mode(cfg: Config) -> Config:
     if skip_from > cfg.train.epochs:
         raise UserError(f"{skip_from} is after the run's last epoch (train.epochs = {cfg.train.epochs}): no epoch "
                         "would skip (reused_grad=apply says that)", where="compression.temporal.skip_from_epoch")
+    if late := [e for e in cfg.logging.keep_epochs if e > cfg.train.epochs]:
+        raise UserError(f"{late} after the run's last epoch (train.epochs = {cfg.train.epochs}): no such checkpoint "
+                        "is written (the last epoch's is OUT/checkpoint.pt)", where="logging.keep_epochs")
     if cfg.federation.mode == "fl":
         bad = [k for k in config_diff(cfg, Config()) if k.startswith(SPLIT_ONLY)]
         if bad:

@@ -96,6 +96,42 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 CHECKPOINT = "checkpoint.pt"  # OUT/checkpoint.pt: what `run --resume` and `server --resume` go on from
+KEPT = "checkpoints"  # OUT/checkpoints/epoch-N.pt: the checkpoints of logging.keep_epochs, kept after later epochs
+
+
+def kept_checkpoint(out: Path, epoch: int, name: str = CHECKPOINT) -> Path:
+    """Where logging.keep_epochs keeps ``name`` (checkpoint.pt, or a file beside it such as the DDPG agent's) as
+    it stood after ``epoch``: OUT/checkpoints/epoch-N.pt, epoch-N-checkpoint-ddpg.zip."""
+    return out / KEPT / (f"epoch-{epoch}.pt" if name == CHECKPOINT else f"epoch-{epoch}-{name}")
+
+
+def keep_checkpoint(out: Path, epoch: int, keep: list[int], names: tuple[str, ...] = (CHECKPOINT,)) -> None:
+    """After ``epoch``'s checkpoint is written: keep it (and the ``names`` beside it that exist) if ``epoch`` is
+    one of ``keep`` (logging.keep_epochs). A hard link where the file system allows (atomic_save replaces
+    checkpoint.pt by a rename, so the link goes on naming this epoch's file at no cost in space), else a copy."""
+    import shutil
+
+    if epoch not in keep:
+        return
+    (out / KEPT).mkdir(exist_ok=True)
+    for name in names:
+        if not (out / name).is_file():
+            continue
+        dest = kept_checkpoint(out, epoch, name)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(out / name, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copy2(out / name, tmp)
+        os.replace(tmp, dest)
+
+
+def drop_kept(out: Path) -> None:
+    """A run started afresh over ``out`` (--force) keeps no checkpoint of the run it replaces."""
+    import shutil
+
+    shutil.rmtree(out / KEPT, ignore_errors=True)
 
 
 def atomic_save(obj, path: Path) -> None:

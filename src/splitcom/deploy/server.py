@@ -29,7 +29,7 @@ from splitcom.fleet.schedule import Job, make_schedule
 from splitcom.models.adapters import GLOBAL
 from splitcom.protocol import serde
 from splitcom.protocol.messages import AdapterMsg, Stream
-from splitcom.runlog import RunLog, write_json
+from splitcom.runlog import RunLog, drop_kept, keep_checkpoint, write_json
 from splitcom.transport.grpc_server import (
     TENSOR,
     Counters,
@@ -81,6 +81,7 @@ class ServerDriver(Coordination):
             load_checkpoint(self)
         else:
             (self.out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+            drop_kept(self.out)
         self.released = self.next_round - 1  # pulls for rounds <= released are answered
         self.log = RunLog(self.out / "metrics.jsonl", keep_bytes=self.metrics_bytes, replay=self.pending_replay)
 
@@ -355,6 +356,8 @@ class ServerDriver(Coordination):
             self.train_losses.append(sum(self.losses) / len(self.losses) if self.losses else float("nan"))
             self.s.bank.model.save_pretrained(str(self.out / "adapter"), selected_adapters=[GLOBAL])
         save_checkpoint(self, t0)
+        if spec.ends_epoch:
+            keep_checkpoint(self.out, spec.epoch, self.cfg.logging.keep_epochs)
         self.log.commit()
 
     def _validate(self, epoch: int, t0: float) -> float:

@@ -29,7 +29,15 @@ from splitcom.federation.server import SplitServer
 from splitcom.federation.setup import Setup, make_client, make_server, prepare, schedule_of, tail_layers
 from splitcom.fleet.fleet import Fleet
 from splitcom.models.adapters import GLOBAL
-from splitcom.runlog import CHECKPOINT, RunLog, atomic_save, peak_rss_bytes, write_json
+from splitcom.runlog import (
+    CHECKPOINT,
+    RunLog,
+    atomic_save,
+    drop_kept,
+    keep_checkpoint,
+    peak_rss_bytes,
+    write_json,
+)
 from splitcom.transport.counters import ByteCounter
 from splitcom.transport.inprocess import InProcessChannel
 
@@ -83,6 +91,8 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(out, cfg) if resume else None
+    if ckpt is None:
+        drop_kept(out)
     if ckpt is None or load_config(out / "config.yaml").train.epochs != cfg.train.epochs:  # new, or lengthened
         (out / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         # a lengthened run is unfinished again: the shorter run's summary.json must not pass for this one's
@@ -161,6 +171,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             state.update(central={"adapter": s.bank.state(GLOBAL), "optimizer": workers[0].optimizer.state_dict(),
                                   "tokens_forwarded": workers[0].tokens_forwarded})
         atomic_save(state, out / CHECKPOINT)
+        keep_checkpoint(out, epoch, cfg.logging.keep_epochs, (CHECKPOINT, DDPG_CHECKPOINT))
         if os.environ.get("SPLITCOM_FAULT_RUN_EXIT_BEFORE_EVENTS") == str(epoch):
             raise RuntimeError(f"fault injection: the run stops between epoch {epoch}'s checkpoint and its events")
         log.commit()
