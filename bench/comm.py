@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 from splitcom.config import build_config, config_diff, lengthening_refusal, load_config
+from splitcom.errors import UserError
 from splitcom.federation.simulation import run
 from splitcom.runlog import CHECKPOINT, KEPT, kept_checkpoint
 
@@ -338,7 +339,6 @@ def score_row(args, out: Path) -> dict:
     from the same run and settings is reused under --resume."""
     from dataclasses import asdict
 
-    from splitcom.errors import UserError
     from splitcom.evaluate.generate import GenerationSettings, evaluate_run
 
     settings = GenerationSettings(num_beams=args.beams)
@@ -517,7 +517,10 @@ def main() -> int:
     results = reference_rows(args)
     for name in args.rows:
         t0 = time.perf_counter()
-        cfg = row_config(name, args)
+        try:
+            cfg = row_config(name, args)
+        except UserError as err:  # a --set or --keep-epochs the row's config refuses
+            sys.exit(f"row {name}: {err}")
         where = args.runs / (f"{name}@s{args.seed}" if args.seed else name)
         done = where / "summary.json"
         if args.fork_from is not None:
