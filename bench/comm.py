@@ -465,7 +465,7 @@ def fork(parent: Path, cfg, where: Path) -> None:
     tmp.rename(where)
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--samples", type=int, default=80)
@@ -504,8 +504,13 @@ def main() -> int:
                          "RUN/checkpoints/epoch-N.pt, kept by --keep-epochs) and train "
                          "it on to --epochs with the row's codecs: the late epochs of a long run without its "
                          "early ones (FORK.json in the row's run records it; only codecs may differ)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.resume |= args.fork_from is not None  # a fork goes on from the copied checkpoint
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     root, probe = DATASETS[args.dataset]
     if not (root / probe).exists():
         print(f"skipped: {args.dataset} data not found at {root}")

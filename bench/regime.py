@@ -121,6 +121,7 @@ def kept_config(kept: Path):
         ("alpha", "lr")
     return comm.row_config(name, argparse.Namespace(
         model=a["model"], dataset=a["dataset"], extra=ast.literal_eval(a["extra"]),
+        keep_epochs=ast.literal_eval(a.get("keep_epochs", "[]")),  # (logging: older comm.json have none)
         **{k: int(a[k]) for k in ints}, **{k: float(a[k]) for k in floats}))
 
 

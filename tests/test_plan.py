@@ -269,3 +269,29 @@ def test_short_runs_send_the_same_bytes(name, tmp_path):
         assert not off, f"bytes (got, recorded) beyond the entropy coder's slack: {off}"
     assert summary["val_loss"] == pytest.approx(val_loss, rel=0, abs=VAL_LOSS_ABS)
     assert {s: [c["full"], c["reuse"], c["delta"]] for s, c in summary["transfers_by_stream"].items()} == transfers
+
+
+@pytest.mark.parametrize("more", [[], ["--keep-epochs", "3", "4"]])
+def test_regime_rebuilds_a_kept_rows_config_from_its_comm_json(tmp_path, more):
+    """bench/regime.py: a kept row without config.yaml gets its config back from the arguments its comm.json
+    recorded (each as str(), as bench/comm.py writes them), whether comm.py had --keep-epochs then or not."""
+    import importlib.util
+    from pathlib import Path
+
+    comm = bench_comm()
+    spec = importlib.util.spec_from_file_location("bench_regime", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "regime.py")
+    regime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regime)
+    row = "ushape+shared+lean+skip4+stop4+linear"
+    args = comm.parse_args(["--rows", row, "--samples", "2000", "--epochs", "8", "--seed", "2",
+                            "--set", "logging.drift=true", *more])
+    recorded = {k: str(v) for k, v in vars(args).items()}
+    if not more:
+        del recorded["keep_epochs"]  # a comm.json written before the option existed
+    kept = tmp_path / f"{row}@s2"
+    kept.mkdir()
+    (kept / "comm.json").write_text(json.dumps({"args": recorded}))
+    rebuilt = regime.kept_config(kept)
+    assert rebuilt == comm.row_config(row, args)
+    assert rebuilt.train.seed == 2 and rebuilt.logging.keep_epochs == [int(e) for e in more[1:]]
