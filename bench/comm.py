@@ -24,7 +24,7 @@ from pathlib import Path
 from splitcom.config import build_config, config_diff, lengthening_refusal, load_config
 from splitcom.errors import UserError
 from splitcom.federation.simulation import run
-from splitcom.runlog import CHECKPOINT, KEPT, kept_checkpoint
+from splitcom.runlog import CHECKPOINT, KEPT, link_or_copy
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
@@ -413,13 +413,12 @@ def fork(parent: Path, cfg, where: Path) -> None:
     in the run says where it came from. ``parent`` may also name a checkpoint the run kept (RUN/checkpoints/
     epoch-N.pt, --keep-epochs): the fork starts after epoch N, however far the run has gone since. Does nothing
     where the row's run already exists (it resumes)."""
-    import os
     import shutil
 
     import torch
 
     from splitcom.config import dump_config
-    from splitcom.federation.simulation import DDPG_CHECKPOINT
+    from splitcom.federation.simulation import DDPG_AGENTS
 
     if (where / "config.yaml").is_file():
         return
@@ -449,14 +448,11 @@ def fork(parent: Path, cfg, where: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     # metrics.jsonl goes whole: the resume cuts it back to the checkpoint's length
     shutil.copytree(parent, tmp, ignore=shutil.ignore_patterns(
-        "summary.json", "eval", "tensorboard", KEPT, *((CHECKPOINT, DDPG_CHECKPOINT) if kept else ())))
-    if kept is not None:  # the kept epoch's checkpoint (and DDPG agent) in place of the latest: linked, not copied
-        for name, src in ((CHECKPOINT, kept), (DDPG_CHECKPOINT, kept_checkpoint(parent, epoch, DDPG_CHECKPOINT))):
-            if src.is_file():
-                try:
-                    os.link(src, tmp / name)  # the row's next checkpoint replaces it by a rename, never writes it
-                except OSError:
-                    shutil.copy2(src, tmp / name)
+        "summary.json", "eval", "tensorboard", KEPT, *((CHECKPOINT, DDPG_AGENTS) if kept else ())))
+    if kept is not None:  # the kept epoch's checkpoint (linked: the row's next one replaces it by a rename) and
+        link_or_copy(kept, tmp / CHECKPOINT)  # DDPG agents in place of the latest
+        for src in kept.parent.glob(f"epoch-{epoch}-*"):
+            shutil.copy2(src, tmp / src.name.removeprefix(f"epoch-{epoch}-"))
     (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     (tmp / "FORK.json").write_text(json.dumps({"from": str(kept or parent), "epoch": epoch, "changed": changed},
                                               indent=1))

@@ -211,6 +211,21 @@ def test_kept_checkpoints_fork_exactly(tmp_path):
     assert not kept.exists()
 
 
+def test_kept_checkpoints_carry_the_ddpg_agents(tmp_path):
+    """A DDPG run's agent (written in place each epoch, so copied, never linked) is kept beside the epoch's
+    checkpoint, and a fork from that epoch warm-starts from it, not from the agent of the run's last epoch."""
+    cfg = tiny_cfg(**{"train.epochs": 2, "compression.temporal.enabled": True,
+                      "compression.temporal.controller": "ddpg", "logging.keep_epochs": "[1]"})
+    run(cfg, tmp_path / "full", progress=False)
+    kept = tmp_path / "full" / "checkpoints" / "epoch-1-checkpoint-ddpg.zip"
+    agent = kept.read_bytes()
+    assert agent != (tmp_path / "full" / "checkpoint-ddpg.zip").read_bytes()  # epoch 2 wrote its own
+    bench_comm().fork(kept.with_name("epoch-1.pt"), cfg, tmp_path / "fork")
+    assert (tmp_path / "fork" / "checkpoint-ddpg.zip").read_bytes() == agent
+    assert run(cfg, tmp_path / "fork", progress=False, resume=True)["epochs"] == 2
+    assert kept.read_bytes() == agent  # the fork's epoch 2 wrote its agent over its copy only
+
+
 @pytest.mark.parametrize("keep,match", [("[0, 2]", "epochs count from 1"), ("[3]", r"after the run's last epoch")])
 def test_bad_keep_epochs_name_the_key(tmp_path, keep, match):
     from splitcom.errors import UserError

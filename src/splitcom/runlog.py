@@ -99,32 +99,40 @@ CHECKPOINT = "checkpoint.pt"  # OUT/checkpoint.pt: what `run --resume` and `serv
 KEPT = "checkpoints"  # OUT/checkpoints/epoch-N.pt: the checkpoints of logging.keep_epochs, kept after later epochs
 
 
-def kept_checkpoint(out: Path, epoch: int, name: str = CHECKPOINT) -> Path:
-    """Where logging.keep_epochs keeps ``name`` (checkpoint.pt, or a file beside it such as the DDPG agent's) as
-    it stood after ``epoch``: OUT/checkpoints/epoch-N.pt, epoch-N-checkpoint-ddpg.zip."""
-    return out / KEPT / (f"epoch-{epoch}.pt" if name == CHECKPOINT else f"epoch-{epoch}-{name}")
+def kept_checkpoint(out: Path, epoch: int) -> Path:
+    """Where logging.keep_epochs keeps checkpoint.pt as it stood after ``epoch``: OUT/checkpoints/epoch-N.pt
+    (the files beside it that keep_checkpoint copied: OUT/checkpoints/epoch-N-NAME)."""
+    return out / KEPT / f"epoch-{epoch}.pt"
 
 
-def keep_checkpoint(out: Path, epoch: int, keep: list[int], names: tuple[str, ...] = (CHECKPOINT,)) -> None:
-    """After ``epoch``'s checkpoint is written: keep it (and the ``names`` beside it that exist) if ``epoch`` is
-    one of ``keep`` (logging.keep_epochs). A hard link where the file system allows (atomic_save replaces
-    checkpoint.pt by a rename, so the link goes on naming this epoch's file at no cost in space), else a copy."""
+def keep_checkpoint(out: Path, epoch: int, keep: list[int], beside: str | None = None) -> None:
+    """After ``epoch``'s checkpoint is written: keep it if ``epoch`` is one of ``keep`` (logging.keep_epochs), with
+    the files beside it that match the glob ``beside`` (a DDPG agent's zips). checkpoint.pt by a hard link where
+    the file system allows (atomic_save replaces it by a rename, so the link goes on naming this epoch's file at
+    no cost in space); the others by a copy (their writers write in place)."""
     import shutil
 
     if epoch not in keep:
         return
     (out / KEPT).mkdir(exist_ok=True)
-    for name in names:
-        if not (out / name).is_file():
-            continue
-        dest = kept_checkpoint(out, epoch, name)
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(out / name, tmp)
-        except OSError:  # another file system, or one without hard links
-            shutil.copy2(out / name, tmp)
-        os.replace(tmp, dest)
+    dest = kept_checkpoint(out, epoch)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    link_or_copy(out / CHECKPOINT, tmp)
+    os.replace(tmp, dest)
+    for src in sorted(out.glob(beside)) if beside else []:
+        shutil.copy2(src, out / KEPT / f"epoch-{epoch}-{src.name}")
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """``dest`` as a hard link to ``src`` (no space; safe for files that are only ever replaced by a rename, as
+    atomic_save does, never written in place), else, on another file system or one without links, a copy."""
+    import shutil
+
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
 
 
 def drop_kept(out: Path) -> None:

@@ -58,6 +58,7 @@ def build_sfl(s: Setup, counter: ByteCounter, cache_dir: str | None = None,
 
 
 DDPG_CHECKPOINT = "checkpoint-ddpg.zip"
+DDPG_AGENTS = "checkpoint-ddpg*.zip"  # and checkpoint-ddpg-STREAM.zip where several streams have an agent
 log_ = logging.getLogger("splitcom.run")
 
 
@@ -171,7 +172,7 @@ def run(cfg: Config, out_dir: str | Path, progress: bool = True, resume: bool = 
             state.update(central={"adapter": s.bank.state(GLOBAL), "optimizer": workers[0].optimizer.state_dict(),
                                   "tokens_forwarded": workers[0].tokens_forwarded})
         atomic_save(state, out / CHECKPOINT)
-        keep_checkpoint(out, epoch, cfg.logging.keep_epochs, (CHECKPOINT, DDPG_CHECKPOINT))
+        keep_checkpoint(out, epoch, cfg.logging.keep_epochs, beside=DDPG_AGENTS)
         if os.environ.get("SPLITCOM_FAULT_RUN_EXIT_BEFORE_EVENTS") == str(epoch):
             raise RuntimeError(f"fault injection: the run stops between epoch {epoch}'s checkpoint and its events")
         log.commit()
