@@ -117,6 +117,7 @@ FINGERPRINTS = {
     "ushape+shared+lean+stop5+linear": "964f11a25fb3e6ad",  # the stop5 row sending grad_down for a reused act_up
     "ushape+shared+lean+skip3+stop4+linear": "f9c0b5f4cd4e6435",  # stop4's ends, skipping from epoch 3
     "ushape+shared+lean+skip4+stop4+linear": "592393eed58d66a5",  # and from epoch 4
+    "ushape+shared+lean+skip+down0.999+linear": "79d96140b2ab07ee",  # the unfrozen row, act_down reused to 0.999
     "ushape+shared+lean+skip+int2o-deltas+linear": "2210cac53aedb43b",
     "ushape+shared+lean+skip+act_down-int2o+linear": "91f1482d02dcc738",
     "ushape+shared+lean+skip+grad_up-int2o+linear": "d6703e115a7aacc7",
