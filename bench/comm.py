@@ -24,7 +24,7 @@ from pathlib import Path
 from splitcom.config import build_config, config_diff, lengthening_refusal, load_config
 from splitcom.errors import UserError
 from splitcom.federation.simulation import run
-from splitcom.runlog import CHECKPOINT, KEPT, link_or_copy
+from splitcom.runlog import CHECKPOINT, KEPT, restore_kept
 
 warnings.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
@@ -456,10 +456,8 @@ def fork(parent: Path, cfg, where: Path) -> None:
     # metrics.jsonl goes whole: the resume cuts it back to the checkpoint's length
     shutil.copytree(parent, tmp, ignore=shutil.ignore_patterns(
         "summary.json", "eval", "tensorboard", KEPT, *((CHECKPOINT, DDPG_AGENTS) if kept else ())))
-    if kept is not None:  # the kept epoch's checkpoint (linked: the row's next one replaces it by a rename) and
-        link_or_copy(kept, tmp / CHECKPOINT)  # DDPG agents in place of the latest
-        for src in kept.parent.glob(f"epoch-{epoch}-*"):
-            shutil.copy2(src, tmp / src.name.removeprefix(f"epoch-{epoch}-"))
+    if kept is not None:  # the kept epoch's checkpoint and DDPG agents in place of the latest
+        restore_kept(parent, epoch, tmp)
     (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     (tmp / "FORK.json").write_text(json.dumps({"from": str(kept or parent), "epoch": epoch, "changed": changed},
                                               indent=1))

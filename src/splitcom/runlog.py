@@ -124,6 +124,16 @@ def keep_checkpoint(out: Path, epoch: int, keep: list[int], beside: str | None =
         shutil.copy2(src, out / KEPT / f"epoch-{epoch}-{src.name}")
 
 
+def restore_kept(out: Path, epoch: int, dest: Path) -> None:
+    """Put what keep_checkpoint kept of ``out``'s ``epoch`` into run folder ``dest`` under the names a resume reads:
+    checkpoint.pt linked (``dest``'s next checkpoint replaces it by a rename), the files beside it copied."""
+    import shutil
+
+    link_or_copy(kept_checkpoint(out, epoch), dest / CHECKPOINT)
+    for src in (out / KEPT).glob(f"epoch-{epoch}-*"):
+        shutil.copy2(src, dest / src.name.removeprefix(f"epoch-{epoch}-"))
+
+
 def link_or_copy(src: Path, dest: Path) -> None:
     """``dest`` as a hard link to ``src`` (no space; safe for files that are only ever replaced by a rename, as
     atomic_save does, never written in place), else, on another file system or one without links, a copy."""
