@@ -313,6 +313,9 @@ def report(args, runs: dict[str, list[dict]]) -> None:
             t = _mean([tot(r) for r in rs])
             lines.append(f"| {name} | " + " | ".join(mb(_mean([by(r, k) for r in rs])) for k in streams) +
                          f" | {mb(t)} | {_red(t, u_tot) if against_ushape(name, rs[0]['cfg']) else '-'} |")
+        if u_base:
+            lines += frontier({n: rs for n, rs in ushapes.items() if n != args.u_base}, u_by_seed,
+                              args.out / "regime.frontier.png", args.u_base)
     lines += ["", "## Time to quality (simulated) and device memory", "",
               f"The simulated clock (fleet/clock.py) of each run replayed on two fleets (fleet/replay.py: the same "
               f"batches and the bytes each client really sent in each step and round) with an `{SERVER}` server. "
@@ -364,6 +367,83 @@ def report(args, runs: dict[str, list[dict]]) -> None:
     notes = out.with_suffix(".notes.md")
     extra = ["", notes.read_text()] if notes.is_file() else []
     out.write_text("\n".join(lines + extra) + "\n")
+
+
+U_GOAL_LESS, BLEU_TOL = 96.0, 0.01  # issue 18's U-shape goal: total >= 96 % less than fp32 U-shape, ΔBLEU >= -0.01
+
+
+def frontier(rows: dict[str, list[dict]], u_by_seed: dict[int, dict], png: Path, u_name: str) -> list[str]:
+    """U-shape rows' BLEU against their bytes, each seed paired with fp32 U-shape of the same seed: a table, the
+    least-squares line of paired ΔBLEU on total MB over every paired seed of every row (where it crosses the goal's
+    -0.01), and the same as a plot (``png``). The rows trade the same streams in different ways, so the line is a
+    summary of what was tried, not a law."""
+    import statistics
+
+    tot = lambda r: r["eval"]["bytes_up"] + r["eval"]["bytes_down"]  # noqa: E731
+    points: dict[str, list[tuple[float, float, float, int]]] = {}  # row -> (MB, % less, ΔBLEU, seed) per seed
+    for name, rs in rows.items():
+        for r in rs:
+            b = u_by_seed.get(r["cfg"].train.seed)
+            if b is None or r["scores"].get("BLEU") is None or b["scores"].get("BLEU") is None:
+                continue
+            points.setdefault(name, []).append((tot(r) / 1e6, 100 * (1 - tot(r) / tot(b)),
+                                                r["scores"]["BLEU"] - b["scores"]["BLEU"], r["cfg"].train.seed))
+    if not points:
+        return []
+    lines = ["", "## U-shape: BLEU against bytes", "",
+             f"Each seed's BLEU minus fp32 U-shape's of the same seed (`{u_name}`), against the seed's total bytes. "
+             f"The goal's corner: at least {U_GOAL_LESS:g} % less and ΔBLEU >= -{BLEU_TOL:g} on the mean over seeds. "
+             f"Plot: `{png.name}`.", "",
+             "| row | seeds | total MB | less (U) | paired ΔBLEU by seed | mean | in the goal's corner |",
+             "| --- | ---: | ---: | ---: | --- | ---: | --- |"]
+    for name, ps in sorted(points.items(), key=lambda kv: _mean([p[0] for p in kv[1]])):
+        less, d = _mean([p[1] for p in ps]), _mean([p[2] for p in ps])
+        ok = "yes" if less >= U_GOAL_LESS and d >= -BLEU_TOL else "no"
+        lines.append(f"| {name} | {len(ps)} | {_mean([p[0] for p in ps]):.1f} | {less:.2f} % | "
+                     + ", ".join(f"s{p[3]} {p[2]:+.4f}" for p in sorted(ps, key=lambda p: p[3]))
+                     + f" | {d:+.4f} | {ok} |")
+    every = [p for ps in points.values() for p in ps]
+    fit = None
+    if len({round(p[0], 1) for p in every}) > 1:
+        fit = statistics.linear_regression([p[0] for p in every], [p[2] for p in every])
+        mb_at = (-BLEU_TOL - fit.intercept) / fit.slope if fit.slope > 0 else None
+        # % less at that MB: against the mean fp32 U-shape total of the seeds paired
+        u_mb = _mean([tot(u_by_seed[p[3]]) / 1e6 for p in every])
+        lines += ["", f"Least squares over the {len(every)} paired seeds: ΔBLEU = {fit.intercept:+.4f} "
+                  f"{fit.slope * 100:+.4f} per 100 MB" + (
+                      f"; it reaches -{BLEU_TOL:g} at {mb_at:.0f} MB, {100 * (1 - mb_at / u_mb):.2f} % less than fp32 "
+                      f"U-shape ({u_mb:,.0f} MB)." if mb_at else "; it does not rise with bytes.")]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.axhline(-BLEU_TOL, color="tab:green", lw=1, ls="--", label=f"goal: ΔBLEU >= -{BLEU_TOL:g}")
+    ax.axvline(U_GOAL_LESS, color="tab:green", lw=1, ls=":", label=f"goal: >= {U_GOAL_LESS:g} % less")
+    ax.axhline(0, color="grey", lw=0.8)
+    for name, ps in points.items():
+        dots = ax.scatter([p[1] for p in ps], [p[2] for p in ps], s=14, alpha=0.5)
+        ax.scatter([_mean([p[1] for p in ps])], [_mean([p[2] for p in ps])], s=70, marker="D",
+                   color=dots.get_facecolor()[0], alpha=1, label=f"{name} ({len(ps)})")
+    if fit is not None:
+        u_mb = _mean([tot(u_by_seed[p[3]]) / 1e6 for p in every])
+        xs = sorted(p[0] for p in every)
+        ax.plot([100 * (1 - x / u_mb) for x in (xs[0], xs[-1])], [fit.intercept + fit.slope * x for x in (xs[0], xs[-1])],
+                color="black", lw=1, alpha=0.6, label="least squares")
+    top = max(ax.get_ylim()[1], 0.002)
+    ax.fill_between([U_GOAL_LESS, max(100, ax.get_xlim()[1])], -BLEU_TOL, top, color="tab:green", alpha=0.08,
+                    label="the goal's corner")
+    ax.set_ylim(top=top)
+    ax.set(xlabel="total bytes, % less than fp32 U-shape", ylabel="BLEU minus fp32 U-shape's (same seed)",
+           title="U-shape: quality against bytes (dots: seeds; diamonds: means)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return lines
 
 
 def _red(value: float, base: float) -> str:

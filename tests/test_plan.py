@@ -296,3 +296,36 @@ def test_regime_rebuilds_a_kept_rows_config_from_its_comm_json(tmp_path, more):
     rebuilt = regime.kept_config(kept)
     assert rebuilt == comm.row_config(row, args)
     assert rebuilt.train.seed == 2 and rebuilt.logging.keep_epochs == [int(e) for e in more[1:]]
+
+
+def test_regime_frontier_pairs_each_seed_with_fp32_ushape_and_finds_where_the_line_crosses(tmp_path):
+    """bench/regime.py's U-shape frontier: each seed against fp32 U-shape of the same seed, the row's mean, whether
+    it is in the goal's corner, and the least-squares line's crossing of -0.01; the plot is written."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_regime", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "regime.py")
+    regime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regime)
+
+    def run(seed: int, mb: float, bleu: float) -> dict:
+        return {"cfg": SimpleNamespace(train=SimpleNamespace(seed=seed)), "scores": {"BLEU": bleu},
+                "eval": {"bytes_up": mb * 1e6 / 2, "bytes_down": mb * 1e6 / 2}}
+
+    fp32 = {0: run(0, 10_000, 0.64), 1: run(1, 10_000, 0.62)}  # fp32 U-shape by seed
+    rows = {"cheap": [run(0, 300, 0.62), run(1, 300, 0.60)],  # -0.02 on both seeds, 97 % less
+            "dear": [run(0, 500, 0.645), run(1, 500, 0.615), run(2, 500, 0.1)]}  # +0.005, -0.005; seed 2 unpaired
+    png = tmp_path / "frontier.png"
+    lines = regime.frontier(rows, fp32, png, "fp32-u")
+    table = [ln for ln in lines if ln.startswith("| cheap") or ln.startswith("| dear")]
+    assert table == ["| cheap | 2 | 300.0 | 97.00 % | s0 -0.0200, s1 -0.0200 | -0.0200 | no |",
+                     "| dear | 2 | 500.0 | 95.00 % | s0 +0.0050, s1 -0.0050 | +0.0000 | no |"]
+    # the line through (300, -0.02) and (500, 0.0): 0.01 per 100 MB, -0.01 at 400 MB, 96 % less
+    assert any("+0.0100 per 100 MB; it reaches -0.01 at 400 MB, 96.00 % less" in ln for ln in lines)
+    assert png.is_file() and png.stat().st_size > 10_000
+    good = regime.frontier({"good": [run(0, 300, 0.635)]}, fp32, tmp_path / "good.png", "fp32-u")
+    assert "| good | 1 | 300.0 | 97.00 % | s0 -0.0050 | -0.0050 | yes |" in good
+    assert not any("Least squares" in ln for ln in good)  # one point: no line
+    assert regime.frontier({"cheap": [run(3, 300, 0.6)]}, fp32, tmp_path / "none.png", "fp32-u") == []
