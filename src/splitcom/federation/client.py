@@ -16,7 +16,7 @@ from splitcom.compress.pipeline import cache_state, end_counts, load_cache_state
 from splitcom.compress.plan import SidePlan
 from splitcom.data.tokenize import IGNORE, Batch, Sample, collate
 from splitcom.errors import ProtocolError
-from splitcom.federation.schedule import LRSchedule
+from splitcom.federation.schedule import LRSchedule, skips_reused_grad
 from splitcom.models.adapters import AdapterBank, adapter_optimizer, rank_caps
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol.messages import AdapterMsg, ControlMsg, LabelsMsg, Stream, TensorMsg
@@ -150,8 +150,8 @@ class SplitClient:
         """U-shape: the samples whose grad_up goes as SKIP. Once the server's adapters are frozen
         (train.server_epochs) a sample's gradient serves only its grad_down, which a reused act_up does not get
         under reused_grad=skip (from skip_from_epoch on)."""
-        if self.server_frozen_from is None or step < max(self.server_frozen_from, self.skip_from) \
-                or not self.plan.receives[Stream.grad_down].skip_reused:
+        if self.server_frozen_from is None or step < self.server_frozen_from \
+                or not skips_reused_grad(self.plan.receives[Stream.grad_down].skip_reused, step, self.skip_from):
             return set()
         return {s.sample_id for s in act_up.samples if s.reuse}
 

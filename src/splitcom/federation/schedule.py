@@ -62,3 +62,10 @@ def skip_from(cfg, steps_per_epoch: int) -> int:
     """The first global step at which a REUSEd activation gets no gradient (compression.temporal.reused_grad=skip
     from skip_from_epoch); the stream plan says whether it skips at all."""
     return (cfg.compression.temporal.skip_from_epoch - 1) * steps_per_epoch
+
+
+def skips_reused_grad(plan_skips: bool, step: int, skip_from_step: int) -> bool:
+    """Whether a REUSEd act_up gets no gradient at global step ``step``: the stream plan skips (its grad_down's
+    ``skip_reused``) and ``step`` is at or past ``skip_from_step`` (`skip_from`). The rule the server follows when
+    it sends grad_down and the U-shape client follows when it leaves grad_up out."""
+    return plan_skips and step >= skip_from_step

@@ -27,7 +27,7 @@ from splitcom.data.tokenize import IGNORE, Sample
 from splitcom.errors import ProtocolError
 from splitcom.evaluate.perplexity import evaluate_loss
 from splitcom.federation.aggregate import fedavg, split_by_layer
-from splitcom.federation.schedule import LRSchedule
+from splitcom.federation.schedule import LRSchedule, skips_reused_grad
 from splitcom.models.adapters import GLOBAL, SLOT, AdapterBank, adapter_optimizer, rank_caps, truncate_ranks
 from splitcom.models.split import SplitModel, causal_lm_loss, pad, unpad
 from splitcom.protocol import serde
@@ -272,7 +272,8 @@ class SplitServer:
     def _skipped(self, reused: set[int], step: int) -> set[int]:
         """The samples of a batch at global step ``step`` that get no grad_down: the reused ones under
         reused_grad=skip, from skip_from_epoch on."""
-        return reused if self.plan.sends[Stream.grad_down].skip_reused and step >= self.skip_from else set()
+        return reused if skips_reused_grad(self.plan.sends[Stream.grad_down].skip_reused, step, self.skip_from) \
+            else set()
 
     def _grad_down(self, cid: int, step: int, h: torch.Tensor, lengths, sids, reused, loss: float) -> TensorMsg:
         skip = self._skipped(reused, step)
