@@ -89,6 +89,29 @@ def test_bleu_agrees_with_sacrebleu_13a_lowercase_on_an_ordinary_corpus():
     assert bleu(hyps, refs) == pytest.approx(expected, rel=1e-9)
 
 
+def test_bench_bleu_noise_per_input_statistics_add_up_to_the_corpus_bleu():
+    """bench/bleu_noise.py scores bootstrap draws from per-input statistics: over every input once they give the
+    library's corpus BLEU, and a draw that repeats inputs gives the BLEU of the corpus with those repeats."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bleu_noise", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "bleu_noise.py")
+    bn = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bn)
+    hyps = ["The Eagle is a cheap coffee shop near Burger King.", "Zizzi is a pub with a 5 out of 5 rating.",
+            "The Mill isn't family-friendly.", "Cotto"]
+    refs = [["The Eagle coffee shop is cheap and near Burger King.", "Near Burger King is The Eagle."],
+            ["Zizzi, a pub, has a customer rating of 5 out of 5."],
+            ["The Mill is not family-friendly.", "The Mill is not kid friendly.", "No kids at The Mill."],
+            ["Cotto is a coffee shop near The Portland Arms."]]
+    per = bn.stats(hyps, refs)
+    assert bn.bleu_of(per, [0, 1, 2, 3]) == pytest.approx(bleu(hyps, refs), rel=1e-12)
+    draw = [2, 0, 2, 3]
+    assert bn.bleu_of(per, draw) == pytest.approx(bleu([hyps[i] for i in draw], [refs[i] for i in draw]), rel=1e-12)
+    assert bn.bleu_of(per, draw) != pytest.approx(bleu(hyps, refs))
+
+
 # ---------------------------------------------------------------- NIST
 
 
