@@ -438,7 +438,7 @@ def frontier(rows: dict[str, list[dict]], u_by_seed: dict[int, dict], png: Path,
     ax.set(xlabel="total bytes, % less than fp32 U-shape", ylabel="BLEU minus fp32 U-shape's (same seed)",
            title="U-shape: quality against bytes (dots: seeds; diamonds: means)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="upper right")  # the goal's corner: empty where no row reached it
+    ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=120)
