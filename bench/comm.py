@@ -97,6 +97,8 @@ ROWS: dict[str, list[str]] = {
                                           "compression.adapter_codec=int8"],
     # issue 11: what reuse cannot touch (first sights, refreshes, adapters), shrunk step by step
     "centralized": ["federation.mode=centralized"],
+    # issue 18's SFL-against-centralized goal at the headline setting: centralized LoRA under the 8-epoch rows' decay
+    "centralized+linear": ["federation.mode=centralized", "train.lr_schedule=linear"],
     "shared": ["federation.server_adapters=shared"],  # fp32 SFL with one server adapter set for every client
     # `shared` learns far faster (val ppl 3.856 after 2 epochs against 4.481; centralized 3.806) and its act_up
     # drifts 20x less between sightings (median 1 - cos 6.5e-5 against 1.3e-3): `all+int4o` on it

@@ -49,6 +49,7 @@ FINGERPRINTS = {
     "ushape+temporal+int8": "022700a91df651a1",
     "ushape+temporal+int8+adapter-int8": "6c39a8ccf05cf9ba",
     "centralized": None,
+    "centralized+linear": None,
     "+delta": "81309a269a3347ff",
     "+prefix": "7bd8515280d22fe4",
     "+zstd": "8b3f07e9fe56c69b",
