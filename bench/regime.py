@@ -403,12 +403,11 @@ def frontier(rows: dict[str, list[dict]], u_by_seed: dict[int, dict], png: Path,
                      + ", ".join(f"s{p[3]} {p[2]:+.4f}" for p in sorted(ps, key=lambda p: p[3]))
                      + f" | {d:+.4f} | {ok} |")
     every = [p for ps in points.values() for p in ps]
+    u_mb = _mean([tot(u_by_seed[p[3]]) / 1e6 for p in every])  # the paired seeds' mean fp32 U-shape total: % less
     fit = None
     if len({round(p[0], 1) for p in every}) > 1:
         fit = statistics.linear_regression([p[0] for p in every], [p[2] for p in every])
         mb_at = (-BLEU_TOL - fit.intercept) / fit.slope if fit.slope > 0 else None
-        # % less at that MB: against the mean fp32 U-shape total of the seeds paired
-        u_mb = _mean([tot(u_by_seed[p[3]]) / 1e6 for p in every])
         lines += ["", f"Least squares over the {len(every)} paired seeds: ΔBLEU = {fit.intercept:+.4f} "
                   f"{fit.slope * 100:+.4f} per 100 MB" + (
                       f"; it reaches -{BLEU_TOL:g} at {mb_at:.0f} MB, {100 * (1 - mb_at / u_mb):.2f} % less than fp32 "
@@ -427,7 +426,6 @@ def frontier(rows: dict[str, list[dict]], u_by_seed: dict[int, dict], png: Path,
         ax.scatter([_mean([p[1] for p in ps])], [_mean([p[2] for p in ps])], s=70, marker="D",
                    color=dots.get_facecolor()[0], alpha=1, label=f"{name} ({len(ps)})")
     if fit is not None:
-        u_mb = _mean([tot(u_by_seed[p[3]]) / 1e6 for p in every])
         xs = sorted(p[0] for p in every)
         ax.plot([100 * (1 - x / u_mb) for x in (xs[0], xs[-1])], [fit.intercept + fit.slope * x for x in (xs[0], xs[-1])],
                 color="black", lw=1, alpha=0.6, label="least squares")
