@@ -24,6 +24,7 @@ as it is). Resumable: a rescore whose scores.json has N inputs is read, not redo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import sys
@@ -56,17 +57,23 @@ def references(run: Path, n: int, inputs: list[str]) -> list[list[str]]:
 
 def stats(hyps: list[str], refs: list[list[str]]) -> list[tuple]:
     """Per input: (matches by order, totals by order, output length, closest reference length), mteval tokens."""
-    from sacrebleu.metrics import BLEU
+    from splitcom.evaluate.metrics import bleu_stats, mteval_tokenize
 
-    from splitcom.evaluate.metrics import mteval_tokenize
+    return [bleu_stats([mteval_tokenize(" ".join(h.split()))], [[mteval_tokenize(" ".join(r.split())) for r in group]])
+            for h, group in zip(hyps, refs, strict=True)]
 
-    bleu = BLEU(tokenize="none", lowercase=False, force=True)  # mteval tokens: no detokenizing hint
-    out = []
-    for h, group in zip(hyps, refs, strict=True):
-        st = bleu.corpus_score([" ".join(mteval_tokenize(" ".join(h.split())))],
-                               [[" ".join(mteval_tokenize(" ".join(r.split())))] for r in group])
-        out.append((tuple(st.counts), tuple(st.totals), st.sys_len, st.ref_len))
-    return out
+
+@functools.cache
+def scored_stats(eval_dir: Path, refs_run: Path) -> list[tuple]:
+    """The per-input statistics of one scoring against ``refs_run``'s references: once per scoring, however
+    many pairs share it (several rows against one base)."""
+    hyps, inputs, n = read_eval(eval_dir)
+    return stats(hyps, cached_references(refs_run, n, tuple(inputs)))
+
+
+@functools.cache
+def cached_references(run: Path, n: int, inputs: tuple[str, ...]) -> list[list[str]]:
+    return references(run, n, list(inputs))
 
 
 def bleu_of(per: list[tuple], idx: list[int]) -> float:
@@ -95,12 +102,11 @@ def rescore(run: Path, n: int) -> Path:
 
 
 def compare(row: Path, base: Path, row_eval: Path, base_eval: Path, resamples: int, seed: int) -> dict:
-    hr, ir, n = read_eval(row_eval)
-    hb, ib, nb = read_eval(base_eval)
-    if ir != ib:
+    if read_eval(row_eval)[1] != read_eval(base_eval)[1]:
         sys.exit(f"{row_eval} and {base_eval} were scored on different inputs")
-    refs = references(base if (base / "config.yaml").is_file() else row, n, ib)
-    pr, pb = stats(hr, refs), stats(hb, refs)
+    refs_run = base if (base / "config.yaml").is_file() else row
+    pr, pb = scored_stats(row_eval, refs_run), scored_stats(base_eval, refs_run)
+    n = len(pr)
     every = list(range(n))
     rng = random.Random(seed)
     ds = []

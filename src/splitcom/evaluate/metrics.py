@@ -135,10 +135,19 @@ def corpus_bleu(hyps: Sequence[Sequence[str]], refs: Sequence[Sequence[Sequence[
     n-gram order has no n-gram, while mteval smooths a zero match count to 1/2^k of the n-gram
     count and leaves an order without any n-gram out of the product (precision 1).
     """
+    return mteval_bleu(*bleu_stats(hyps, refs))
+
+
+def bleu_stats(hyps: Sequence[Sequence[str]],
+               refs: Sequence[Sequence[Sequence[str]]]) -> tuple[list[int], list[int], int, int]:
+    """BLEU's corpus statistics of tokenised texts, from sacrebleu: (clipped matches by n-gram order,
+    n-gram totals by order, output length, closest reference length).  They add up over inputs, so
+    statistics taken one input at a time score any resample of the inputs (bench/bleu_noise.py)."""
     n_streams = max(len(group) for group in refs)
     streams = [[" ".join(g[k]) if k < len(g) else None for g in refs] for k in range(n_streams)]
-    stats = BLEU(tokenize="none", lowercase=False).corpus_score([" ".join(h) for h in hyps], streams)
-    return mteval_bleu(stats.counts, stats.totals, stats.sys_len, stats.ref_len)
+    # tokenize="none": the texts are mteval tokens already; force: no warning that they look tokenised.
+    st = BLEU(tokenize="none", lowercase=False, force=True).corpus_score([" ".join(h) for h in hyps], streams)
+    return list(st.counts), list(st.totals), st.sys_len, st.ref_len
 
 
 def mteval_bleu(matches: Sequence[int], totals: Sequence[int], sys_len: int, ref_len: int) -> float:
