@@ -129,14 +129,20 @@ def keep(row: Path, dest: Path) -> None:
     """Copy what the tables need of a finished run into ``dest`` (its bench/results folder), since runs/ need not
     outlive a session: the log without step events, summary, final scores and the texts they score (a few KB:
     later analyses of the generations need them), config.yaml and the replayed clocks (replay.json: the only
-    thing the step events are read for)."""
+    thing the step events are read for; centralized rows have none)."""
+    from splitcom.config import load_config
+
     summary = json.loads((row / "summary.json").read_text()) if (row / "summary.json").is_file() else {}
-    if summary.get("epochs") is None or not (row / "replay.json").is_file():
-        return  # unfinished, or centralized (no fleets to replay)
+    if summary.get("epochs") is None:
+        return  # unfinished
+    fed = load_config(row / "config.yaml").federation.mode != "centralized"
+    if fed and not (row / "replay.json").is_file():
+        return  # its clocks not replayed yet (centralized rows have no fleet to replay)
     texts = ("eval/inputs.txt", "eval/predictions.txt")
-    if (dest / "replay.json").is_file() and (dest / "replay.json").read_bytes() == (row / "replay.json").read_bytes() \
+    key = "replay.json" if fed else "summary.json"  # replay.json's key is the log's size
+    if (dest / key).is_file() and (dest / key).read_bytes() == (row / key).read_bytes() \
             and all((dest / t).is_file() or not (row / t).is_file() for t in texts):
-        return  # kept already (--watch passes every 2 min); replay.json's key is the log's size
+        return  # kept already (--watch passes every 2 min)
     (dest / "eval").mkdir(parents=True, exist_ok=True)
     with open(row / "metrics.jsonl") as src, open(dest / "metrics.jsonl", "w") as out:
         out.writelines(line for line in src if '"event": "step"' not in line)

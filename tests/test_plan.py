@@ -299,6 +299,41 @@ def test_regime_rebuilds_a_kept_rows_config_from_its_comm_json(tmp_path, more):
     assert rebuilt.train.seed == 2 and rebuilt.logging.keep_epochs == [int(e) for e in more[1:]]
 
 
+@pytest.mark.parametrize("mode", ["centralized", "sfl"])
+def test_regime_keeps_a_finished_row_without_its_step_events(tmp_path, mode):
+    """bench/regime.py's `keep`: a finished run's log less its step events, summary, config, scores and texts go to
+    bench/results; a centralized row is kept without clocks to replay, a federated row only once they are."""
+    import importlib.util
+    from pathlib import Path
+
+    from splitcom.config import dump_config, load_config
+
+    spec = importlib.util.spec_from_file_location("bench_regime", Path(__file__).resolve().parents[1] / "bench" /
+                                                  "regime.py")
+    regime = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(regime)
+    row, dest = tmp_path / "runs" / "r", tmp_path / "kept" / "r"
+    (row / "eval").mkdir(parents=True)
+    (row / "config.yaml").write_text(dump_config(load_config(None, [f"federation.mode={mode}"])))
+    events = [{"event": "step", "step": 1}, {"event": "eval", "epoch": 1, "val_ppl": 4.0}]
+    (row / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (row / "eval" / "scores.json").write_text('{"BLEU": 0.6}')
+    (row / "eval" / "predictions.txt").write_text("a\n")
+    (row / "summary.json").write_text('{"epochs": null}')
+    regime.keep(row, dest)
+    assert not dest.exists()  # unfinished
+    (row / "summary.json").write_text('{"epochs": 1}')
+    regime.keep(row, dest)
+    if mode == "sfl":
+        assert not dest.exists()  # no replay.json yet
+        (row / "replay.json").write_text("{}")
+        regime.keep(row, dest)
+    assert [json.loads(line)["event"] for line in (dest / "metrics.jsonl").read_text().splitlines()] == ["eval"]
+    for name in ("summary.json", "config.yaml", "eval/scores.json", "eval/predictions.txt"):
+        assert (dest / name).read_bytes() == (row / name).read_bytes(), name
+    assert (dest / "replay.json").is_file() == (mode == "sfl")
+
+
 def test_regime_frontier_pairs_each_seed_with_fp32_ushape_and_finds_where_the_line_crosses(tmp_path):
     """bench/regime.py's U-shape frontier: each seed against fp32 U-shape of the same seed, the row's mean, whether
     it is in the goal's corner, and the least-squares line's crossing of -0.01; the plot is written."""
