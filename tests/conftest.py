@@ -17,12 +17,18 @@ def _quiet():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def bench_comm():
-    """bench/comm.py as a module (its ROWS, fork rules): a script, not part of the package."""
-    spec = importlib.util.spec_from_file_location("bench_comm", Path(__file__).resolve().parents[1] / "bench" / "comm.py")
+def bench_module(name: str):
+    """bench/NAME.py as a module: the bench scripts are not part of the package."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" /
+                                                  f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def bench_comm():
+    """bench/comm.py as a module (its ROWS, fork rules)."""
+    return bench_module("comm")
 
 
 def tiny_cfg(**over):

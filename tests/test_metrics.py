@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import sacrebleu
+from conftest import bench_module
 
 from splitcom.evaluate import metrics
 from splitcom.evaluate.metrics import (
@@ -92,13 +93,7 @@ def test_bleu_agrees_with_sacrebleu_13a_lowercase_on_an_ordinary_corpus():
 def test_bench_bleu_noise_per_input_statistics_add_up_to_the_corpus_bleu():
     """bench/bleu_noise.py scores bootstrap draws from per-input statistics: over every input once they give the
     library's corpus BLEU, and a draw that repeats inputs gives the BLEU of the corpus with those repeats."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bleu_noise", Path(__file__).resolve().parents[1] / "bench" /
-                                                  "bleu_noise.py")
-    bn = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bn)
+    bn = bench_module("bleu_noise")
     hyps = ["The Eagle is a cheap coffee shop near Burger King.", "Zizzi is a pub with a 5 out of 5 rating.",
             "The Mill isn't family-friendly.", "Cotto"]
     refs = [["The Eagle coffee shop is cheap and near Burger King.", "Near Burger King is The Eagle."],

@@ -19,7 +19,7 @@ import json
 
 import pytest
 import torch
-from conftest import bench_comm
+from conftest import bench_comm, bench_module
 
 from splitcom.compress.plan import StreamPlan, stream_plan
 from splitcom.config import build_config
@@ -277,14 +277,8 @@ def test_short_runs_send_the_same_bytes(name, tmp_path):
 def test_regime_rebuilds_a_kept_rows_config_from_its_comm_json(tmp_path, more):
     """bench/regime.py: a kept row without config.yaml gets its config back from the arguments its comm.json
     recorded (each as str(), as bench/comm.py writes them), whether comm.py had --keep-epochs then or not."""
-    import importlib.util
-    from pathlib import Path
-
     comm = bench_comm()
-    spec = importlib.util.spec_from_file_location("bench_regime", Path(__file__).resolve().parents[1] / "bench" /
-                                                  "regime.py")
-    regime = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regime)
+    regime = bench_module("regime")
     row = "ushape+shared+lean+skip4+stop4+linear"
     args = comm.parse_args(["--rows", row, "--samples", "2000", "--epochs", "8", "--seed", "2",
                             "--set", "logging.drift=true", *more])
@@ -303,15 +297,9 @@ def test_regime_rebuilds_a_kept_rows_config_from_its_comm_json(tmp_path, more):
 def test_regime_keeps_a_finished_row_without_its_step_events(tmp_path, mode):
     """bench/regime.py's `keep`: a finished run's log less its step events, summary, config, scores and texts go to
     bench/results; a centralized row is kept without clocks to replay, a federated row only once they are."""
-    import importlib.util
-    from pathlib import Path
-
     from splitcom.config import dump_config, load_config
 
-    spec = importlib.util.spec_from_file_location("bench_regime", Path(__file__).resolve().parents[1] / "bench" /
-                                                  "regime.py")
-    regime = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regime)
+    regime = bench_module("regime")
     row, dest = tmp_path / "runs" / "r", tmp_path / "kept" / "r"
     (row / "eval").mkdir(parents=True)
     (row / "config.yaml").write_text(dump_config(load_config(None, [f"federation.mode={mode}"])))
@@ -337,14 +325,9 @@ def test_regime_keeps_a_finished_row_without_its_step_events(tmp_path, mode):
 def test_regime_frontier_pairs_each_seed_with_fp32_ushape_and_finds_where_the_line_crosses(tmp_path):
     """bench/regime.py's U-shape frontier: each seed against fp32 U-shape of the same seed, the row's mean, whether
     it is in the goal's corner, and the least-squares line's crossing of -0.01; the plot is written."""
-    import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
-    spec = importlib.util.spec_from_file_location("bench_regime", Path(__file__).resolve().parents[1] / "bench" /
-                                                  "regime.py")
-    regime = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regime)
+    regime = bench_module("regime")
 
     def run(seed: int, mb: float, bleu: float) -> dict:
         return {"cfg": SimpleNamespace(train=SimpleNamespace(seed=seed)), "scores": {"BLEU": bleu},
